@@ -1,0 +1,5 @@
+import sys
+
+from mirai.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""Loader of the compiled extension ``mirai._C``.
+
+``ext()`` returns the module or ``None``. When the extension is missing (not
+built, or ``MIRAI_DISABLE_EXT=1``) every op falls back to its PyTorch reference;
+``warn_fallback`` says so once per op and reason.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+
+import torch  # noqa: F401  (loads libc10 / libtorch before the extension)
+
+_C: ModuleType | None = None
+_LOAD_ERROR: str | None = None
+
+if os.environ.get("MIRAI_DISABLE_EXT", "0") == "1":
+    _LOAD_ERROR = "disabled by MIRAI_DISABLE_EXT=1"
+else:
+    try:
+        from mirai import _C  # type: ignore[attr-defined, no-redef]
+    except ImportError as err:  # not built, or built against another torch
+        _LOAD_ERROR = f"{type(err).__name__}: {err}"
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def ext() -> ModuleType | None:
+    """The compiled module, or None when it is unavailable."""
+    return _C
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def has_cuda() -> bool:
+    """True when the extension was compiled with its CUDA kernels."""
+    return _C is not None and bool(_C.has_cuda())
+
+
+def has_op(name: str) -> bool:
+    return _C is not None and hasattr(_C, name)
+
+
+def load_error() -> str | None:
+    return _LOAD_ERROR
+
+
+def describe() -> str:
+    if _C is None:
+        return f"unavailable ({_LOAD_ERROR})"
+    ops = sorted(n for n in dir(_C) if not n.startswith("_") and n != "has_cuda")
+    return f"loaded from {_C.__file__}; cuda={'yes' if has_cuda() else 'no'}; ops={ops}"
+
+
+def warn_fallback(op: str, reason: str) -> None:
+    """Warn once per (op, reason) that `op` runs its slower fallback."""
+    key = (op, reason)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"mirai: {op} falls back: {reason}", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,92 @@
+"""Build of the one extension ``mirai._C``.
+
+C++ (CPU) sources under ``csrc/`` are always compiled; the ``.cu`` sources are
+added whenever nvcc is found (``CUDA_HOME``), for ``TORCH_CUDA_ARCH_LIST`` or by
+default ``8.0;9.0`` (A100 and H100). ``MIRAI_SKIP_CUDA=1`` builds CPU only.
+``MAX_JOBS`` defaults to what free memory allows (about 3 GB per nvcc job).
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_memory_gb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: line.split()[1] for line in f}
+        return int(info.get("MemAvailable", info["MemFree"])) / 1e6
+    except (OSError, KeyError, ValueError):
+        return 8.0
+
+
+def _cuda_library_includes() -> list[str]:
+    """pip's CUDA 13 torch keeps cuBLAS/cuSPARSE headers in site-packages/nvidia/cu13/include."""
+    spec = importlib.util.find_spec("nvidia")
+    dirs = []
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        inc = os.path.join(base, "cu13", "include")
+        if os.path.isdir(inc):
+            dirs.append(inc)
+    return dirs
+
+
+def _locate_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit folder that has headers and libcudart.
+
+    torch guesses CUDA_HOME from `which nvcc`; when nvcc is a wrapper script
+    (e.g. /usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc) that guess lacks
+    include/ and lib64/, so look at the usual toolkit folders first.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += ["/usr/local/cuda"]
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+def _extension():
+    _locate_cuda_home()
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    with_cuda = CUDA_HOME is not None and os.environ.get("MIRAI_SKIP_CUDA", "0") != "1"
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cxx = ["-O3"]  # torch.utils.cpp_extension adds the C++ standard its headers need
+    if not with_cuda:
+        return CppExtension("mirai._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
+    return CUDAExtension(
+        "mirai._C", cpp + cu,
+        include_dirs=include_dirs + _cuda_library_includes(),
+        define_macros=[("MIRAI_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx + ["-DMIRAI_WITH_CUDA=1"], "nvcc": nvcc},
+    )
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, int(_free_memory_gb() // 3)))))
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    packages=find_packages(include=["mirai", "mirai.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": _build_ext()},
+)
