@@ -180,5 +180,5 @@ class CodeStore:
         codes = torch.from_numpy(self.codes[index, aug].astype(np.int64))
         feats = None
         if self.features is not None:
-            feats = torch.from_numpy(np.ascontiguousarray(self.features[index, aug])).view(torch.bfloat16)
+            feats = torch.from_numpy(np.array(self.features[index, aug], copy=True)).view(torch.bfloat16)
         return codes, int(self.labels[index]), feats

@@ -1,0 +1,176 @@
+"""Foresight target sources: where the teacher tensor [B, S, C] of the loss comes from.
+
+* ``EMATeacher`` (Mirai-E): the first ``layer`` blocks (+ embeddings) of the AR model itself,
+  a separate bf16 module in eval mode (no dropout, no class dropout) with requires_grad False,
+  run on the same tokens under no_grad: ``targets(idx, cond_idx) -> [B, T, D]`` (S = T, the
+  teacher's own sequence positions; ``neighbour_table(source="ema")`` indexes it).
+  Online mode: its parameters carry the same names as the model's (``tok_embeddings.weight``,
+  ``layers.0.attention.wqkv.weight``, ...), so ``mirai.ema.ModelEMA.attach_teacher(teacher.module,
+  prefix_map)`` refreshes them in the fused EMA pass (the teacher at step t+1 is the EMA after
+  step t; no state-dict copies). It starts as a bf16 copy of the model's weights (EMA at step 0).
+  Static mode (``static_ckpt``): frozen weights read once from a checkpoint file (its "ema"
+  entry, else "model", else the file is a bare state dict); never attach it to the EMA.
+* ``EncoderTeacher`` (Mirai-I, online): see ``mirai.foresight.encoders``.
+* ``PrecomputedFeatures`` (Mirai-I, offline): encoder patch features stored in the code store
+  (bf16, [Tf, C] per sample); ``targets(features[B, Tf, C]) -> [B, T, C]`` checks the grid.
+
+``build_source(cfg, model)`` picks the source of a resolved ``ForesightConfig``.
+
+None of these is a module of the DeepSpeed engine: the trainer keeps them outside it, so they are
+never cast, partitioned or optimised. Build the EMATeacher from the UNWRAPPED model before the
+engine exists (under ZeRO-3 the engine's parameters are partitioned).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from mirai.foresight.config import ForesightConfig
+
+
+class EMATeacher(nn.Module):
+    """bf16, eval-mode, frozen copy of the first ``layer`` blocks (+ embeddings) of a GPT.
+
+    Args:
+        model: the (unwrapped) ``mirai.models.gpt.Transformer`` being trained.
+        layer: number of blocks of the teacher (its output is the residual stream after block ``layer``).
+        static_ckpt: checkpoint file of a static teacher; None = online (weights copied from ``model``).
+        dtype: teacher parameter / compute dtype (bf16).
+    """
+
+    def __init__(self, model: nn.Module, layer: int, static_ckpt: str | Path | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        cfg = model.config
+        if not 1 <= layer <= cfg.n_layer:
+            raise ValueError(f"foresight.teacher_layer: must lie in 1 .. {cfg.n_layer}, got {layer}")
+        self.layer, self.dtype, self.static = int(layer), dtype, static_ckpt is not None
+        # Same class, only `layer` blocks. fork_rng: building it must not move the global RNG
+        # (a Mirai run and a baseline with one seed see the same data order and dropout masks).
+        with torch.random.fork_rng(devices=[]):
+            teacher = type(model)(dataclasses.replace(cfg, n_layer=self.layer))
+        # Everything the truncated pass reads: embeddings, the first `layer` blocks and any extra
+        # parameters of a subclass (PAR's transition tokens); not the final norm and output layer.
+        keep = {n for n, _ in teacher.named_parameters() if not n.startswith(("norm.", "output."))}
+        if static_ckpt is not None:
+            source = _read_checkpoint(Path(static_ckpt))
+            where = f"static teacher checkpoint {static_ckpt}"
+        else:
+            source = {n: p.detach() for n, p in model.named_parameters()}
+            where = "the model"
+        missing = sorted(keep - set(source))
+        if missing:
+            raise ValueError(f"{where}: lacks {len(missing)} teacher weights, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for name, p in teacher.named_parameters():
+                if name in keep:
+                    src = source[name]
+                    if tuple(src.shape) != tuple(p.shape):
+                        raise ValueError(f"{where}: {name} has shape {tuple(src.shape)}, the model needs "
+                                         f"{tuple(p.shape)} (different model config?)")
+                    p.copy_(src)
+        # The truncated pass (upto_layer) never reads the final norm or the output layer: drop them so
+        # the teacher holds (and the EMA refreshes) only the weights it uses.
+        teacher.norm = None
+        teacher.output = None
+        # Parameters in bf16 (buffers such as RoPE tables keep their precision); the forward runs
+        # under bf16 autocast so mixed dtypes are fine on CPU and CUDA.
+        for p in teacher.parameters():
+            p.data = p.data.to(dtype)
+        teacher.requires_grad_(False)
+        device = next(model.parameters()).device
+        self.module = teacher.to(device).eval()
+        self.teacher_names = sorted(keep)
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        """The teacher stays in eval mode (no dropout, no class dropout) whatever the caller asks."""
+        return super().train(False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.module.config.dim)
+
+    @torch.no_grad()
+    def targets(self, idx: torch.Tensor, cond_idx: torch.Tensor,
+                drop_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual stream after block ``layer`` on the same tokens: [B, T, D] (bf16).
+        ``drop_labels`` (bool [B], optional) forces the null class where True; by default the teacher
+        sees the true labels (eval mode: no class dropout), as in the paper and the released code."""
+        with torch.autocast(device_type=cond_idx.device.type, dtype=self.dtype):
+            out = self.module(idx, cond_idx, upto_layer=self.layer, drop_labels=drop_labels)
+        return out.hidden[self.layer].to(self.dtype)
+
+    forward = targets
+
+
+class PrecomputedFeatures:
+    """Encoder patch features read from the code store: ``targets(features[B,Tf,C]) -> [B,T,C]`` bf16."""
+
+    def __init__(self, grid_size: int, dim: int | None = None, name: str | None = None):
+        self.grid_size, self.dim, self.name = int(grid_size), dim, name
+
+    @classmethod
+    def from_store(cls, store, grid_size: int, name: str | None = None) -> "PrecomputedFeatures":
+        """Check a ``mirai.data.format.CodeStore``'s features against the token grid (and encoder name)."""
+        meta = store.meta.get("features")
+        meta_path = Path(store.root) / "meta.json"
+        if not meta:
+            raise ValueError(f"{meta_path}: the store holds no encoder features "
+                             "(prepare it with --encoder, or set foresight.use_precomputed_features=false)")
+        if int(meta["grid_size"]) != grid_size:
+            raise ValueError(f"{meta_path}: features on a {meta['grid_size']}x{meta['grid_size']} patch grid, "
+                             f"the token grid is {grid_size}x{grid_size}")
+        if name is not None and meta.get("name") not in (None, "features", name):
+            raise ValueError(f"{meta_path}: features of encoder {meta.get('name')!r}, config asks for {name!r}")
+        return cls(grid_size, int(meta["dim"]), meta.get("name"))
+
+    def targets(self, features: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        if features.dim() != 3 or features.shape[1] != self.grid_size ** 2:
+            raise ValueError(f"precomputed features must be [B, T={self.grid_size ** 2}, C], "
+                             f"got {tuple(features.shape)}")
+        if self.dim is not None and features.shape[2] != self.dim:
+            raise ValueError(f"precomputed features have C = {features.shape[2]}, expected {self.dim}")
+        return features.to(device=device if device is not None else features.device,
+                           dtype=torch.bfloat16, non_blocking=True)
+
+    __call__ = targets
+
+
+def build_source(cfg: ForesightConfig, model: nn.Module, device: torch.device | str | None = None):
+    """The target source of a RESOLVED config: EMATeacher, EncoderTeacher, PrecomputedFeatures or
+    None (mode "none", or injection "output", which needs no teacher)."""
+    if not cfg.enabled or cfg.injection == "output":
+        return None
+    grid = model.config.grid_size
+    if cfg.mode == "ema":
+        ckpt = cfg.static_teacher_ckpt if cfg.teacher == "static" else None
+        return EMATeacher(model, cfg.teacher_layer or cfg.layer, static_ckpt=ckpt)
+    if cfg.use_precomputed_features:
+        return PrecomputedFeatures(grid, cfg.head_out, cfg.encoder.name)
+    from mirai.foresight.encoders import EncoderTeacher
+    enc = EncoderTeacher(cfg.encoder.name, cfg.encoder.weights, grid, image_size=cfg.encoder.image_size,
+                         block_causal=cfg.encoder.block_causal)
+    return enc.to(device) if device is not None else enc
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"static teacher checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"static teacher checkpoint {path}: unreadable ({type(err).__name__}: {err})") from err
+    if isinstance(ckpt, dict):
+        for key in ("ema", "model", "state_dict"):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not any(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ValueError(f"static teacher checkpoint {path}: no state dict found (expected 'ema', 'model' "
+                         "or a bare state dict)")
+    prefix = "_orig_mod."   # torch.compile wrapper
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in ckpt.items()
+            if isinstance(v, torch.Tensor)}
