@@ -20,7 +20,7 @@ $(STAMP): $(SOURCES)
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 
 demo: install
 	$(PY) -m mirai.demo
