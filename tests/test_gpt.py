@@ -258,3 +258,82 @@ def test_bf16_sdpa_forward_on_gpu_matches_fp32_cpu():
     assert (out.logits.float().cpu() - ref.logits).abs().max() < 0.05 * scale
     h_scale = ref.hidden[2].abs().max()
     assert (out.hidden[2].float().cpu() - ref.hidden[2]).abs().max() < 0.05 * h_scale
+
+
+# --------------------------------------------------------------------------- performance paths
+
+
+def test_fused_ce_gives_the_plain_loss_and_gradients():
+    plain = tiny(**NO_DROPOUT, class_dropout_prob=0.0).train()
+    fused = tiny(**NO_DROPOUT, class_dropout_prob=0.0, fused_ce=True, fused_ce_chunk_size=5).train()
+    fused.load_state_dict(plain.state_dict())                      # B*T = 32 tokens: ragged last chunk
+    codes, labels = batch(plain)
+    idx, targets = plain.prepare_inputs(codes)
+
+    def run(model, **kw):
+        model.zero_grad()
+        out = model(idx, labels, targets=targets, hidden_layers=(1,), **kw)
+        out.loss.backward()
+        return out, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    ref, ref_grads = run(plain)
+    out, grads = run(fused)
+    assert out.logits is None and out.loss.dtype == torch.float32     # fused: no logits
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.hidden[1], ref.hidden[1])
+    assert grads.keys() == ref_grads.keys()
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], msg=k)
+    # return_logits=False with targets takes the fused path on a plain model too
+    out2, grads2 = run(plain, return_logits=False)
+    assert out2.logits is None
+    torch.testing.assert_close(out2.loss, ref.loss)
+    torch.testing.assert_close(grads2["output.weight"], ref_grads["output.weight"])
+    # without targets a fused_ce model still returns logits
+    assert fused.eval()(idx, labels).logits.shape == (2, 16, 32)
+    # under CPU bf16 autocast (the trainer's plain engine) the loss matches the unfused autocast loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_ref = plain.eval()(idx, labels, targets=targets).loss
+        auto_fused = fused(idx, labels, targets=targets).loss
+    torch.testing.assert_close(auto_fused, auto_ref, rtol=1e-3, atol=1e-3)
+
+
+def test_rope_and_rmsnorm_match_their_textbook_formulas():
+    from mirai.models.gpt import RMSNorm
+    from mirai.models.rope import apply_rotary
+    g = torch.Generator().manual_seed(0)
+    table = rope_2d_table(4, 16)                                  # [17, 8, 2]
+    x = torch.randn(2, 17, 3, 3 * 16, generator=g)[..., 16:32]    # strided view [2, 17, 3, 16]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    want = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).reshape(x.shape)
+    torch.testing.assert_close(apply_rotary(x, table), want)
+    xb = x.bfloat16()
+    got_bf16 = apply_rotary(xb, table)
+    assert got_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(got_bf16, apply_rotary(xb.float(), table).bfloat16(), rtol=0, atol=0)
+
+    norm = RMSNorm(16, eps=1e-5, impl="torch")
+    torch.nn.init.normal_(norm.weight)
+    for xx in (x, xb):
+        ref = (xx.float() * torch.rsqrt(xx.float().pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(xx) * norm.weight
+        torch.testing.assert_close(norm(xx), ref)
+
+
+def test_block_compiles_without_graph_breaks_and_matches_eager():
+    model = tiny(**NO_DROPOUT, n_kv_head=2).train()               # grouped-query: q/k/v split paths
+    block = model.layers[0]
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")   # a graph break raises
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 64, generator=g)
+    rope = model.freqs_cis[:16]
+
+    def run(fn):
+        block.zero_grad()
+        xx = x.clone().requires_grad_()
+        out = fn(xx, rope)
+        out.square().sum().backward()
+        return [out.detach(), xx.grad] + [p.grad.clone() for p in block.parameters()]
+
+    for a, b in zip(run(compiled), run(block)):
+        torch.testing.assert_close(a, b)

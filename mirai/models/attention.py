@@ -108,12 +108,11 @@ class Attention(nn.Module):
         """``x [B, T, dim]``, ``rope [T, hd/2, 2]`` -> ``[B, T, dim]`` (see the module docstring for masks)."""
         B, T, _ = x.shape
         kv = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim)                   # [B, T, H, hd]
-        k = k.view(B, T, self.n_kv_head, self.head_dim)                # [B, T, Hkv, hd]
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
-        q = apply_rotary(q, rope)
-        k = apply_rotary(k, rope)
+        # q and k are adjacent columns of the fused projection: rotate them in one call
+        qk, v = self.wqkv(x).split([self.dim + kv, kv], dim=-1)        # [B, T, dim + kv], [B, T, kv]
+        qk = apply_rotary(qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim), rope)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)          # [B, T, H, hd], [B, T, Hkv, hd]
+        v = v.view(B, T, self.n_kv_head, self.head_dim)                # [B, T, Hkv, hd]
         dropout_p = self.attn_dropout_p if self.training else 0.0
 
         if (cache is None and attn_mask is None and self._flash_fn is not None and x.is_cuda

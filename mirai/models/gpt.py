@@ -15,9 +15,13 @@ in raster order); position t predicts x_t. ``forward`` (the only training entry 
 ``GPTOutput`` in train and eval mode alike:
 
   logits        [B, T, V] in the output layer's dtype (bf16 under autocast), or None when
-                ``return_logits=False`` (use ``final_hidden`` with a fused linear + cross-entropy) or
-                when ``upto_layer`` is set.
+                ``return_logits=False``, when ``upto_layer`` is set, or when the fused loss computed
+                the loss (``targets`` given and ``config.fused_ce`` or ``return_logits=False``).
   loss          mean cross-entropy over ``targets [B, T]`` computed in float32 (ignore_index -100), or None.
+                Plain path: ``F.cross_entropy(logits.float())``. Fused path (``GPTConfig.fused_ce``, or
+                targets with ``return_logits=False``): ``output(final_hidden, targets)`` runs the chunked
+                linear + cross-entropy of mirai/ops/linear_ce.py, same value and gradients without the
+                [B, T, V] fp32 logits.
   hidden        {l: [B, T, dim]} residual stream after block l (1-based) for l in ``hidden_layers``;
                 with ``upto_layer=l`` it always holds l.
   final_hidden  [B, T, dim] after the final RMSNorm, before ``output``; None with ``upto_layer``.
@@ -35,7 +39,9 @@ each sequence position predicts / holds), ``sequence_to_raster(x)``, ``group_ids
 Speed hooks for the trainer: every block is a self-contained ``TransformerBlock`` (``block(x, rope,
 attn_mask)``) so it can be compiled alone (``model.layers[i].compile()``), and
 ``enable_activation_checkpointing()`` recomputes blocks in the backward pass. RMSNorm uses apex's fused
-kernel when apex is importable (``norm_impl="auto"``) and a float32 torch implementation otherwise.
+kernel when apex is importable (``norm_impl="auto"``) and ``F.rms_norm`` (float32 math inside)
+otherwise. Blocks compile with ``fullgraph=True`` (no graph breaks; tested), and the fused loss is a
+registered custom op, so a whole-model ``torch.compile`` also traces without breaks.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mirai.models.attention import ATTN_BACKENDS, Attention, KVCache
 from mirai.models.rope import rope_2d_table
+from mirai.ops.linear_ce import linear_cross_entropy
 
 NORM_IMPLS = ("auto", "torch", "apex")
 
@@ -85,6 +92,10 @@ class GPTConfig:
     block_size: int = 256               # image tokens per image = grid_size**2 = sequence length T
     attn_backend: str = "sdpa"          # "sdpa" or "flash_attn" (see attention.py)
     norm_impl: str = "auto"             # RMSNorm kernel: "auto" (apex if importable), "torch" or "apex"
+    fused_ce: bool = False              # forward with targets computes the loss with the chunked fused
+                                        # linear + cross-entropy (mirai/ops/linear_ce.py) and returns
+                                        # logits=None: no [B, T, V] fp32 logits in training
+    fused_ce_chunk_size: int = 2048     # tokens per chunk of the fused loss (memory ~ chunk * V * 8 bytes)
 
     def __post_init__(self) -> None:
         g = math.isqrt(self.block_size)
@@ -109,7 +120,7 @@ class GPTConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"GPTConfig.{name}={p} must be in [0, 1)")
-        for name in ("dim", "n_layer", "n_head", "num_classes", "vocab_size"):
+        for name in ("dim", "n_layer", "n_head", "num_classes", "vocab_size", "fused_ce_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -171,8 +182,10 @@ class RMSNorm(nn.Module):
         if (self._apex_fn is not None and x.is_cuda and x.dtype == self.weight.dtype
                 and not torch.compiler.is_compiling()):        # under torch.compile inductor fuses the torch path
             return self._apex_fn(x, self.weight, (self.dim,), self.eps)
-        y = F.rms_norm(x.float(), (self.dim,), eps=self.eps).type_as(x)
-        return y * self.weight
+        # F.rms_norm upcasts bf16/fp16 to float32 internally and casts the result back (same values as
+        # rms_norm(x.float()).type_as(x), without the explicit fp32 copy or saving it for backward);
+        # type_as is a no-op except under an autocast that runs rms_norm in fp32.
+        return F.rms_norm(x, (self.dim,), eps=self.eps).type_as(x) * self.weight
 
 
 class FeedForward(nn.Module):
@@ -188,6 +201,27 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class OutputHead(nn.Linear):
+    """The output layer ``[V, dim]`` (no bias): ``head(h)`` gives logits ``[..., V]``; ``head(h, targets)``
+    gives the mean cross-entropy (fp32) by the fused chunked op, without the logits. The loss goes
+    through this module's ``__call__`` so that per-module parameter gathering (DeepSpeed ZeRO-3 hooks)
+    sees the weight. State-dict name unchanged (``output.weight``)."""
+
+    def __init__(self, dim: int, vocab_size: int, chunk_size: int = 2048):
+        super().__init__(dim, vocab_size, bias=False)
+        self.chunk_size = chunk_size
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return F.linear(x, self.weight)                                               # [..., V]
+        x2 = x.reshape(-1, x.shape[-1])                                                   # [N, D]
+        dtype = x2.dtype
+        if torch.is_autocast_enabled(x2.device.type):                 # as nn.Linear would run under autocast
+            dtype = torch.get_autocast_dtype(x2.device.type)
+        return linear_cross_entropy(x2.to(dtype), self.weight.to(dtype), targets.reshape(-1),  # [N]
+                                    chunk_size=self.chunk_size)
 
 
 class DropPath(nn.Module):
@@ -261,7 +295,7 @@ class Transformer(nn.Module):
         rates = [config.drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
         self.layers = nn.ModuleList(TransformerBlock(config, r) for r in rates)
         self.norm = RMSNorm(config.dim, config.norm_eps, config.norm_impl)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = OutputHead(config.dim, config.vocab_size, config.fused_ce_chunk_size)
         # RoPE (cos, sin) table [1 + N, head_dim/2, 2]; float32, not in the state dict (see _apply)
         self.register_buffer("freqs_cis", self._rope_table(), persistent=False)
         self.activation_checkpointing = False
@@ -365,9 +399,7 @@ class Transformer(nn.Module):
                              f"{'' if upto_layer is None else f', upto_layer={upto_layer}'})")
         if upto_layer is not None and targets is not None:
             raise ValueError("targets with upto_layer: the truncated pass has no logits, hence no loss")
-        if targets is not None and not return_logits:
-            raise ValueError("targets with return_logits=False: compute the loss from final_hidden "
-                             "(fused linear + cross-entropy) instead")
+        fused = targets is not None and (self.config.fused_ce or not return_logits)
 
         cond = self.cls_embedding(cond_idx, train=self.training, drop_mask=drop_labels)   # [B, 1, D]
         h = self.tok_dropout(self._embed_tokens(idx, cond))                                 # [B, T, D]
@@ -390,12 +422,14 @@ class Transformer(nn.Module):
             return GPTOutput(logits=None, loss=None, hidden=hidden, final_hidden=None)
 
         h = self.norm(h)
+        if targets is not None and targets.shape != h.shape[:2]:
+            raise ValueError(f"targets {tuple(targets.shape)} must match the logits' [B, T] = "
+                             f"{tuple(h.shape[:2])}")
+        if fused:                                        # chunked linear + CE: no logits
+            return GPTOutput(logits=None, loss=self.output(h, targets), hidden=hidden, final_hidden=h)
         logits = self.output(h) if return_logits else None                                # [B, T, V]
         loss = None
         if targets is not None:
-            if targets.shape != logits.shape[:2]:
-                raise ValueError(f"targets {tuple(targets.shape)} must match the logits' [B, T] = "
-                                 f"{tuple(logits.shape[:2])}")
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return GPTOutput(logits=logits, loss=loss, hidden=hidden, final_hidden=h)
 

@@ -1,0 +1,142 @@
+"""Fused chunked linear + cross-entropy (mirai/ops/linear_ce.py) against F.cross_entropy on full logits."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mirai.ops.linear_ce import _linear_ce_op, linear_cross_entropy, linear_cross_entropy_reference
+
+
+def problem(n: int = 37, d: int = 16, v: int = 50, dtype=torch.float64, seed: int = 0, ignore_every: int = 5):
+    """hidden [n, d], weight [v, d], targets [n] with every `ignore_every`-th target ignored (-100)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) * 0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    return hidden, weight, targets
+
+
+def value_and_grads(fn, hidden, weight, targets):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = fn(h, w, targets)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_matches_cross_entropy_with_ignore_index_and_a_ragged_last_chunk(dtype, tol):
+    hidden, weight, targets = problem(dtype=dtype)                        # N = 37: chunks 8, 8, 8, 8, 5
+    ours = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=8), hidden, weight, targets)
+    ref = value_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t), hidden, weight, targets)
+    assert ours[0].dtype == dtype and ours[1].dtype == dtype and ours[2].dtype == dtype
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert torch.count_nonzero(ours[1][::5]) == 0                          # ignored rows get no gradient
+    # one chunk bigger than N, and a custom ignore_index
+    t7 = torch.where(targets == -100, torch.full_like(targets, 7), targets)
+    one = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=7, chunk_size=1000),
+                          hidden, weight, t7)
+    ref7 = value_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t, ignore_index=7), hidden, weight, t7)
+    for a, b in zip(one, ref7):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_bf16_error_is_within_the_pytorch_bf16_error():
+    """Against an fp32 reference on the same bf16-rounded inputs: loss error <= 2x and gradient error
+    <= 3x the error of PyTorch's own bf16 path (bf16 logits -> .float() -> cross_entropy)."""
+    hidden, weight, targets = problem(n=301, d=64, v=1000, dtype=torch.bfloat16, seed=3, ignore_every=7)
+    ref = value_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t),
+                          hidden.float(), weight.float(), targets)
+    torch_bf16 = value_and_grads(lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t), hidden, weight, targets)
+    ours = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=64), hidden, weight, targets)
+    assert ours[0].dtype == torch.float32
+    assert ours[1].dtype == torch.bfloat16 and ours[2].dtype == torch.bfloat16
+
+    def err(x, r):                                                        # relative Frobenius error
+        return ((x.double() - r.double()).norm() / r.double().norm()).item()
+
+    assert err(ours[0], ref[0]) <= 2 * err(torch_bf16[0], ref[0]) + 1e-7
+    for i in (1, 2):
+        assert err(ours[i], ref[i]) <= 3 * err(torch_bf16[i], ref[i])
+        assert err(ours[i], ref[i]) < 0.02                                # and small in absolute terms
+
+
+def test_all_ignored_targets_give_zero_loss_and_zero_grads():
+    hidden, weight, _ = problem(n=9, dtype=torch.float32)
+    targets = torch.full((9,), -100)
+    loss, dh, dw = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=4),
+                                   hidden, weight, targets)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(dh) == 0 and torch.count_nonzero(dw) == 0
+    assert torch.isfinite(loss) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
+
+
+def test_upstream_gradient_scales_and_partial_requires_grad():
+    hidden, weight, targets = problem(dtype=torch.float64)
+    base = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=8), hidden, weight, targets)
+    scaled = value_and_grads(lambda h, w, t: 0.25 * linear_cross_entropy(h, w, t, chunk_size=8) + 1.0,
+                             hidden, weight, targets)
+    torch.testing.assert_close(scaled[1], 0.25 * base[1])
+    torch.testing.assert_close(scaled[2], 0.25 * base[2])
+    # only the weight requires grad (frozen features): its gradient is unchanged
+    w = weight.clone().requires_grad_()
+    linear_cross_entropy(hidden, w, targets, chunk_size=8).backward()
+    torch.testing.assert_close(w.grad, base[2])
+    # no grad mode: same value, and no gradient buffers are computed
+    with torch.no_grad():
+        loss, dh, dw = _linear_ce_op(hidden, weight, targets, -100, 8, False, False)
+        torch.testing.assert_close(loss, base[0])
+        assert dh.numel() == 0 and dw.numel() == 0
+        assert linear_cross_entropy(hidden, weight.requires_grad_(), targets).requires_grad is False
+
+
+def test_reference_helper_and_input_errors():
+    hidden, weight, targets = problem(dtype=torch.float32)
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets),
+                               linear_cross_entropy_reference(hidden, weight, targets))
+    with pytest.raises(ValueError, match="weight must be"):
+        linear_cross_entropy(hidden, weight[:, :3], targets)
+    with pytest.raises(ValueError, match="targets must be"):
+        linear_cross_entropy(hidden, weight, targets[:-1])
+    with pytest.raises(ValueError, match="same dtype"):
+        linear_cross_entropy(hidden, weight.double(), targets)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(hidden, weight, targets, chunk_size=0)
+
+
+def test_custom_op_registration_and_compiled_caller_without_graph_break():
+    hidden, weight, targets = problem(dtype=torch.float32)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    torch.library.opcheck(_linear_ce_op, (h, w, targets, -100, 8, True, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+    def f(h, w, t):                                                       # ops around the fused loss
+        return 2.0 * linear_cross_entropy(torch.tanh(h), w, t, chunk_size=8)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")      # fullgraph: a break would raise
+    got = value_and_grads(compiled, hidden, weight, targets)
+    want = value_and_grads(f, hidden, weight, targets)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_on_gpu_is_within_the_pytorch_bf16_error():
+    hidden, weight, targets = problem(n=3001, d=256, v=16384, dtype=torch.bfloat16, seed=1, ignore_every=11)
+    hidden, weight, targets = hidden.cuda(), weight.cuda(), targets.cuda()
+    ref = value_and_grads(lambda h, w, t: F.cross_entropy(h.double() @ w.double().t(), t), hidden, weight, targets)
+    torch_bf16 = value_and_grads(lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t), hidden, weight, targets)
+    ours = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=1024), hidden, weight, targets)
+
+    def err(x, r):
+        return ((x.double() - r.double()).norm() / r.double().norm()).item()
+
+    assert err(ours[0], ref[0]) <= 2 * err(torch_bf16[0], ref[0]) + 1e-7
+    for i in (1, 2):
+        assert err(ours[i], ref[i]) <= 3 * err(torch_bf16[i], ref[i])
