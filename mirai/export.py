@@ -1,0 +1,44 @@
+"""``mirai export``: a training run / checkpoint -> one plain file for sampling.
+
+    mirai export --run runs/gpt-b_mirai_e --out gpt-b_mirai_e.pt
+    mirai export --ckpt runs/gpt-b_mirai_e/checkpoints/step_00050000 --out step50k.pt --ema-as-model
+
+The file is ``{"model": state dict, "ema": state dict, "model_name", "model_config", "step", "format"}``
+with LlamaGen key names and no foresight heads, teachers or optimizer state, so LlamaGen-style
+sampling code (``torch.load(f)["model"]`` into a GPT of the same config) and ``mirai sample`` /
+``mirai.checkpoint.load_gpt`` read it. ``--ema-as-model`` stores the EMA weights under "model" (the
+raw weights move to "raw_model") for samplers that only read "model". See ``mirai.checkpoint``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from mirai.checkpoint import CheckpointError, export, resolve
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mirai export", description="Write a single-file sampling checkpoint "
+                                "(model + EMA, LlamaGen keys, no heads) from a run or a checkpoint folder.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder (its latest complete checkpoint is exported)")
+    src.add_argument("--ckpt", help="checkpoint folder (runs/X/checkpoints/step_...)")
+    p.add_argument("--out", required=True, help="output .pt file")
+    p.add_argument("--ema-as-model", action="store_true", help="store the EMA weights under 'model' too")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the stored weights")
+    args = p.parse_args(argv)
+    try:
+        ckpt = resolve(args.run or args.ckpt)
+        out = export(ckpt, args.out, ema_as_model=args.ema_as_model,
+                     dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+    except CheckpointError as err:
+        print(f"mirai export: {err}", file=sys.stderr)
+        return 2
+    print(f"mirai export: {ckpt} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""``mirai train`` / ``python -m mirai.train``: train a LlamaGen GPT, with or without Mirai.
+
+    mirai train --config configs/gpt-b_mirai_e.yaml [--set key=value ...]
+    torchrun --nproc_per_node 8 -m mirai.train --config configs/gpt-b_mirai_e.yaml
+    deepspeed --num_gpus 8 --module mirai.train --config configs/gpt-xxl_mirai_e.yaml --set train.zero_stage=2
+
+One process per GPU (or one CPU process); rank and world size come from the launcher's environment
+(``--local_rank``, which the deepspeed launcher appends, is accepted and ignored). The config is
+validated before anything is built; errors name the field. The run folder (``out_dir``, default
+``runs/<name>``) receives the resolved ``config.yaml``, ``metrics.jsonl``, TensorBoard events and
+``checkpoints/``; an existing run folder with a checkpoint is resumed (``train.resume=auto``).
+
+Per run: build the GPT and the foresight objective (heads), the teacher source OUTSIDE the engine
+(Mirai-E EMA teacher / precomputed features), the engine (DeepSpeed ZeRO 0..3, DDP or single
+process), the EMA (outside the engine; refreshes the online teacher), the loader; then the step loop
+(``mirai.trainer.step.StepRunner``) with logging and checkpoints. See ``mirai/trainer/`` for each part.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mirai.config import Config, ConfigError, load_config, save_config, validate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mirai train", description="Train a LlamaGen GPT with or without Mirai "
+                                "foresight alignment (single process, torchrun or the deepspeed launcher).")
+    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml); may use `base: other.yaml`")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", nargs="+",
+                   help="override a config field, e.g. --set train.micro_batch=16 optim.lr=2e-4 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--check", action="store_true", help="validate the config (and data) and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns (used by tests and the demo)."""
+
+    run_dir: Path
+    step: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def heads_signature(fcfg) -> dict[str, Any]:
+    if fcfg is None or not fcfg.enabled:
+        return {"mode": "none"}
+    return {"mode": fcfg.mode, "injection": fcfg.injection, "k": fcfg.k, "layer": fcfg.layer,
+            "head_kind": fcfg.head_kind, "head_hidden": fcfg.head_hidden, "head_out": fcfg.head_out}
+
+
+@dataclass
+class Run:
+    """Everything a training run holds (built by ``build_run``; used by ``train`` and the benchmarks)."""
+
+    cfg: Config
+    runtime: Any
+    gpt: torch.nn.Module
+    fcfg: Any                  # resolved ForesightConfig (mode none: the config as given)
+    source: Any                # EMATeacher | PrecomputedFeatures | EncoderTeacher | None
+    engine: Any
+    ema_state: Any
+    loader: Any
+    runner: Any
+    accum: int
+    total_steps: int
+    base_lr: float
+    expected: dict[str, Any]   # what a checkpoint of this run must match (meta.json fields)
+
+
+def build_run(cfg: Config) -> Run:
+    """Process group, model, objective, teacher source (outside the engine), engine, EMA, loader, step runner."""
+    from mirai.checkpoint import model_config_dict
+    from mirai.foresight.objective import ForesightObjective
+    from mirai.foresight.sources import EMATeacher, PrecomputedFeatures, build_source
+    from mirai.models.gpt import build_gpt
+    from mirai.trainer.data import Shard, TrainLoader
+    from mirai.trainer.distributed import setup
+    from mirai.trainer.engine import TrainModule, build_engine
+    from mirai.trainer.shadow import EMAState
+    from mirai.trainer.step import StepRunner
+
+    t_cfg = cfg.train
+    rt = setup(t_cfg.backend, t_cfg.device)
+    seed_everything(t_cfg.seed)
+    gpt = build_gpt(cfg.model.name, **cfg.model.gpt_overrides())
+    objective = ForesightObjective(cfg.foresight, gpt.config) if cfg.foresight.enabled else None
+    fcfg = objective.cfg if objective is not None else cfg.foresight
+    source = build_source(fcfg, gpt) if objective is not None else None
+    if isinstance(source, PrecomputedFeatures):
+        from mirai.data.format import CodeStore
+        source = PrecomputedFeatures.from_store(CodeStore(cfg.data.codes), gpt.config.grid_size, fcfg.encoder.name)
+    base_lr = cfg.optim.lr * t_cfg.global_batch / 256          # linear scaling: optim.lr is per 256 images
+    engine = build_engine(TrainModule(gpt, objective, fused_ce=t_cfg.fused_ce), cfg, rt, base_lr)
+    if isinstance(source, torch.nn.Module):
+        source.to(engine.device)
+    if isinstance(source, EMATeacher) and t_cfg.compile:
+        for block in source.module.layers:                      # the teacher's blocks too (no grad, bf16)
+            block.compile()
+    teacher = source.module if isinstance(source, EMATeacher) and fcfg.teacher == "online" else None
+    ema_state = None
+    if cfg.ema.enabled:
+        ema_state = EMAState(engine, cfg.ema.decay, cfg.ema.warmup, teacher=teacher,
+                             teacher_names=source.teacher_names if teacher is not None else None)
+    seed_everything(t_cfg.seed + 1_000_003 * rt.rank)        # dropout masks differ across ranks
+
+    accum = t_cfg.global_batch // (t_cfg.micro_batch * rt.world_size)
+    shard = Shard(rt.rank, rt.world_size, t_cfg.micro_batch, accum)
+    cuda = engine.device.type == "cuda"
+    loader = TrainLoader(cfg.data.codes, shard, t_cfg.seed, features=cfg.data.features,
+                         num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and cuda,
+                         prefetch_factor=cfg.data.prefetch_factor)
+    total_steps = t_cfg.max_steps if t_cfg.max_steps is not None else t_cfg.epochs * loader.steps_per_epoch
+    runner = StepRunner(engine, fcfg, source, ema_state, cfg.optim, base_lr, total_steps)
+    expected = {"model_name": cfg.model.name, "model_config": model_config_dict(gpt),
+                "heads": heads_signature(fcfg), "precision": t_cfg.precision,
+                "engine": {"backend": rt.backend,
+                           "zero_stage": t_cfg.zero_stage if rt.backend == "deepspeed" else None,
+                           # ZeRO >= 1 optimizer shards only load into the same world size
+                           "world_size": rt.world_size if rt.backend == "deepspeed" and t_cfg.zero_stage >= 1
+                           else None}}
+    return Run(cfg, rt, gpt, fcfg, source, engine, ema_state, loader, runner, accum, total_steps, base_lr, expected)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) the training described by a validated config in this process."""
+    from mirai.checkpoint import (CheckpointError, load_training_checkpoint, read_latest, resolve,
+                                  save_training_checkpoint)
+    from mirai.trainer.logging import MetricsLogger, flops_per_image, peak_flops
+
+    run = build_run(cfg)
+    t_cfg, rt, engine, loader, runner = cfg.train, run.runtime, run.engine, run.loader, run.runner
+    run_dir = cfg.run_dir
+    total_steps, accum = run.total_steps, run.accum
+    end_step = min(total_steps, t_cfg.stop_at) if t_cfg.stop_at is not None else total_steps
+
+    # ---- resume
+    ckpt = None
+    if t_cfg.resume == "auto":
+        ckpt = read_latest(run_dir)
+    elif t_cfg.resume != "none":
+        ckpt = resolve(t_cfg.resume)
+    start_step = 0
+    if ckpt is not None:
+        meta = load_training_checkpoint(ckpt, runtime=rt, engine=engine, ema_state=run.ema_state,
+                                        expected=run.expected, loader_state=loader.state_dict(0))
+        start_step = int(meta["step"])
+        if start_step > total_steps:
+            raise CheckpointError(f"{ckpt / 'meta.json'}: step {start_step} is past this run's {total_steps} steps")
+
+    if rt.is_main:                                              # after a successful resume check
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    # ---- loop
+    logger = MetricsLogger(run_dir, rt.is_main, total_steps, start_step, t_cfg.tensorboard, t_cfg.progress)
+    if rt.is_main:
+        n_params = sum(p.numel() for p in run.gpt.parameters()) if not engine.zero3 else None
+        logger.message(f"mirai train: {cfg.name} -> {run_dir} | {cfg.model.name} "
+                       f"{'' if n_params is None else f'{n_params / 1e6:.1f}M params '}| backend {rt.backend}"
+                       f"{f' ZeRO-{t_cfg.zero_stage}' if rt.backend == 'deepspeed' else ''} | world {rt.world_size} "
+                       f"| micro {t_cfg.micro_batch} x accum {accum} | foresight {run.fcfg.mode} | steps "
+                       f"{start_step}->{end_step} of {total_steps} ({loader.steps_per_epoch}/epoch)"
+                       + (f" | resumed from {ckpt}" if ckpt is not None else ""))
+    fl_total, fl_backbone = flops_per_image(run.gpt.config, run.fcfg if run.fcfg.enabled else None)
+    peak = peak_flops(t_cfg.peak_flops, engine.device)
+    engine.train()
+    loader.start(start_step)
+    batches_iter = iter(loader)
+    metrics: list[dict[str, Any]] = []
+    last_ckpt = None
+    t_last, last_log = time.perf_counter(), start_step
+    for step in range(start_step, end_step):
+        epoch = loader.epoch_of(step)
+        batches = [next(batches_iter) for _ in range(accum)]
+        runner.run(step, epoch, batches)
+        logger.advance()
+        done = step + 1
+        if done % t_cfg.log_every == 0 or done == end_step:
+            losses = runner.meter.read()                            # the one host sync
+            now = time.perf_counter()
+            dt = max(now - t_last, 1e-9)
+            steps = done - last_log
+            img_rank = steps * accum * t_cfg.micro_batch / dt
+            state = runner.state()
+            record = {"step": done, "epoch": epoch, **losses,
+                      "foresight_loss": sum(lam * h for lam, h in zip(state["lambdas"], losses["head_loss"])),
+                      "lambdas": state["lambdas"], "lr": state["lr"], "grad_norm": engine.grad_norm(),
+                      "img_per_s_per_gpu": img_rank, "img_per_s": img_rank * rt.world_size,
+                      "step_time_s": dt / steps, "tflops_per_gpu": img_rank * fl_total / 1e12,
+                      "mfu": None if peak is None else img_rank * fl_total / peak,
+                      "backbone_tflops_per_gpu": img_rank * fl_backbone / 1e12,
+                      "backbone_mfu": None if peak is None else img_rank * fl_backbone / peak}
+            metrics.append(record)
+            logger.log(record)
+            t_last, last_log = time.perf_counter(), done
+        if done % t_cfg.ckpt_every == 0 or done == end_step:
+            last_ckpt = save_training_checkpoint(
+                run_dir, done, runtime=rt, engine=engine, ema_state=run.ema_state,
+                loader_state=loader.state_dict(done), keep_last=t_cfg.keep_last,
+                meta={**run.expected, "epoch": loader.epoch_of(done), "total_steps": total_steps,
+                      "world_size": rt.world_size, "name": cfg.name})
+            t_last = time.perf_counter()
+    logger.close()
+    return TrainResult(run_dir=run_dir, step=max(end_step, start_step), metrics=metrics, checkpoint=last_ckpt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = [item for group in args.overrides for item in group]
+    from mirai.trainer.distributed import launcher_env, teardown
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.print_config:
+            import yaml
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        _, world, _ = launcher_env()
+        validate(cfg, world_size=world)
+    except ConfigError as err:
+        print(f"mirai train: config error: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"mirai train: {args.config} is valid ({cfg.name} -> {cfg.run_dir})")
+        return 0
+    from mirai.checkpoint import CheckpointError
+    try:
+        train(cfg)
+    except CheckpointError as err:
+        print(f"mirai train: checkpoint error: {err}", file=sys.stderr)
+        return 3
+    finally:
+        teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

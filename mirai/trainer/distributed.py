@@ -1,0 +1,154 @@
+"""Process setup: rank / world size from the launcher, device, backend choice, process group.
+
+Launchers: a plain ``python -m mirai.train`` (one process), ``torchrun --nproc_per_node N -m
+mirai.train`` and ``deepspeed --num_gpus N --module mirai.train`` all set (or, for one process, we set)
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; the ``--local_rank``
+argument the deepspeed launcher appends is accepted and ignored by the CLI (the env wins).
+
+Backend (``train.backend``): ``deepspeed`` (ZeRO 0..3), ``ddp`` (torch DistributedDataParallel) or
+``single`` (one process, no wrapper); ``auto`` = deepspeed when importable, else ddp under a
+multi-process launcher, else single. Without CUDA, DeepSpeed runs with ``DS_ACCELERATOR=cpu``
+(set here before deepspeed is imported) and every process group uses gloo.
+
+Also: helpers for ZeRO-3 shards (gather a flat local partition back to the full tensor, slice a
+full tensor into this rank's partition) used by the EMA and checkpoint code.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str            # "deepspeed" | "ddp" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the launcher's environment (0, 1, 0 without one)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: 'cuda' requested but torch sees no CUDA device")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def deepspeed_importable(device: torch.device) -> tuple[bool, str]:
+    """(importable, reason). Sets DS_ACCELERATOR=cpu first when running without CUDA."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure means "not usable"
+        return False, f"{type(err).__name__}: {err}"
+    return True, ""
+
+
+def resolve_backend(requested: str, device: torch.device, world_size: int) -> str:
+    if requested in ("auto", "deepspeed"):
+        ok, why = deepspeed_importable(device)
+        if ok:
+            return "deepspeed"
+        if requested == "deepspeed":
+            raise RuntimeError(f"train.backend: 'deepspeed' requested but deepspeed cannot be imported ({why}); "
+                               "install it (pip install deepspeed) or set train.backend=ddp / single")
+        if world_size == 1:
+            print(f"mirai train: deepspeed not importable ({why}); training in a single process without it "
+                  "(train.backend=single)", flush=True)
+            return "single"
+        print(f"mirai train: deepspeed not importable ({why}); using torch DDP (train.backend=ddp), "
+              "ZeRO settings are ignored", flush=True)
+        return "ddp"
+    if requested == "single" and world_size > 1:
+        raise RuntimeError(f"train.backend: 'single' with WORLD_SIZE={world_size}; use ddp or deepspeed "
+                           "under a multi-process launcher")
+    return requested
+
+
+def setup(requested_backend: str = "auto", requested_device: str = "auto") -> Runtime:
+    """Read the launcher env, pick device and backend, create the process group if needed."""
+    rank, world, local = launcher_env()
+    device = pick_device(requested_device, local)
+    backend = resolve_backend(requested_backend, device, world)
+    if backend == "single":
+        return Runtime(rank, world, local, device, backend)
+    if not (dist.is_available() and dist.is_initialized()):
+        # one process without a launcher: make a one-member group on a free local port
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local))
+        pg_backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "deepspeed":
+            import logging
+
+            import deepspeed
+            from deepspeed.utils import logger as ds_logger
+            ds_logger.setLevel(logging.WARNING)          # DeepSpeed prints its whole config per rank at INFO
+            deepspeed.init_distributed(dist_backend=pg_backend, auto_mpi_discovery=False)
+        else:
+            dist.init_process_group(pg_backend, rank=rank, world_size=world)
+    return Runtime(rank, world, local, device, backend)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- ZeRO-3 shards
+def gather_partition(shard: torch.Tensor, numel: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Full tensor from every rank's flat partition (rank order, padded): [P] -> `shape` (collective)."""
+    world = dist.get_world_size()
+    parts = [torch.empty_like(shard) for _ in range(world)]
+    dist.all_gather(parts, shard.contiguous())
+    return torch.cat(parts)[:numel].view(shape)                    # [world * P] -> [numel] -> shape
+
+
+def slice_partition(full: torch.Tensor, partition_numel: int, rank: int) -> torch.Tensor:
+    """This rank's flat partition of `full` (zero-padded past its end): -> [partition_numel]."""
+    flat = full.reshape(-1)                                        # [numel]
+    start = rank * partition_numel
+    out = torch.zeros(partition_numel, dtype=full.dtype, device=full.device)
+    piece = flat[start:start + partition_numel]
+    out[: piece.numel()] = piece
+    return out

@@ -1,0 +1,373 @@
+"""The trained module and the engines that run it: DeepSpeed (ZeRO 0..3), torch DDP, single process.
+
+``TrainModule`` is the ONLY module an engine wraps: the GPT plus the ``ForesightObjective`` (heads).
+Its forward takes a batch of codes and labels, the teacher targets computed outside (no grad, bf16;
+None for the baseline, during warm-up, and for the output-injection ablation) and the per-head
+coefficients (host floats while they are all zero, else a [K] fp32 device tensor), and returns three tensors:
+``loss`` (NTP + sum_k lambda_k L_k, the one that is back-propagated), ``ntp`` and ``per_head [K]``
+(both detached, for logging). The EMA, the Mirai-E teacher and the frozen encoder are NOT in it.
+
+Engines share one interface (``Engine``): ``forward(...)``, ``backward(loss)``, ``step()`` called once
+per micro-batch (the optimizer applies at the gradient-accumulation boundary), ``set_lr``,
+``grad_norm()`` (host value; log steps only), ``save(dir)`` / ``load(dir)`` of the engine state,
+``full_state_dicts()`` (fp32 master weights of the GPT and the heads, consolidated on rank 0;
+collective), and ``ema_params()`` (what the EMA averages: the full parameters, or under ZeRO-3 the
+local flat partitions ``p.ds_tensor``).
+
+Optimizer: one client optimizer built here so DeepSpeed builds no op: apex ``FusedAdam`` (AdamW mode)
+when importable on CUDA, else ``torch.optim.AdamW`` with ``fused=True`` on CUDA / ``foreach=True`` on
+CPU. Two parameter groups: weight decay on parameters with >= 2 dimensions (matrices, embeddings,
+stacked head weights), none on norms and biases. The learning rate is set by the trainer every step.
+
+DeepSpeed config (built from the dataclass, see ``deepspeed_config``): train_batch_size,
+train_micro_batch_size_per_gpu, gradient_accumulation_steps, gradient_clipping, bf16.enabled,
+zero_optimization.stage (+ overlap/bucket settings), zero_allow_untested_optimizer (a client
+torch optimizer under ZeRO), steps_per_print effectively off.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from mirai.checkpoint import load_file, save_file
+from mirai.trainer.distributed import Runtime
+
+
+# --------------------------------------------------------------------------- the trained module
+class TrainModule(nn.Module):
+    """GPT + foresight objective; see the module docstring for the forward contract."""
+
+    def __init__(self, gpt: nn.Module, objective: nn.Module | None = None, fused_ce: bool = True):
+        super().__init__()
+        self.gpt = gpt
+        self.objective = objective
+        self.fused_ce = bool(fused_ce)      # loss via the chunked linear + CE (no logits materialised)
+
+    @property
+    def k(self) -> int:
+        return int(self.objective.k) if self.objective is not None else 0
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None,
+                coeffs: Sequence[float] | torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """codes int64 [B, T], labels int64 [B], teacher [B, S, C] or None, coeffs K floats or [K] tensor."""
+        idx, targets = self.gpt.prepare_inputs(codes)                           # [B, T-1], [B, T]
+        obj = self.objective
+        hidden_layers = obj.hidden_layers if obj is not None else ()
+        out = self.gpt(idx, labels, targets=targets, hidden_layers=hidden_layers, return_logits=not self.fused_ce)
+        ntp = out.loss                                                          # fp32 scalar
+        if obj is None:
+            return ntp, ntp.detach(), ntp.new_zeros(0)
+        total, per_head = obj(obj.select_hidden(out), teacher, coeffs, tokens=targets)
+        return ntp + total, ntp.detach(), per_head.detach()
+
+
+# --------------------------------------------------------------------------- optimizer
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay on >= 2-D parameters only (LlamaGen / nanoGPT rule)."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(module: nn.Module, optim_cfg, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """The client AdamW (see the module docstring for which implementation)."""
+    groups = param_groups(module, optim_cfg.weight_decay)
+    kw = dict(lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    if optim_cfg.fused and device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+            return FusedAdam(groups, adam_w_mode=True, **kw)
+        except ImportError:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+    return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def lr_at(step: int, optim_cfg, total_steps: int, base_lr: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
+    warm = optim_cfg.warmup_steps
+    if warm > 0 and step < warm:
+        return base_lr * (step + 1) / warm
+    if optim_cfg.schedule == "const":
+        return base_lr
+    span = max(1, total_steps - warm)
+    p = min(max((step - warm) / span, 0.0), 1.0)
+    floor = base_lr * optim_cfg.min_lr_ratio
+    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+# --------------------------------------------------------------------------- engines
+class Engine:
+    """Common interface (see the module docstring)."""
+
+    module: TrainModule
+    device: torch.device
+    zero3: bool = False
+
+    def __init__(self, module: TrainModule, optimizer: torch.optim.Optimizer, runtime: Runtime, accum: int):
+        self.module = module
+        self.optimizer = optimizer
+        self.runtime = runtime
+        self.device = runtime.device
+        self.accum = int(accum)
+
+    # -- per micro-batch
+    def forward(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    # -- per optimizer step
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def grad_norm(self) -> float | None:
+        raise NotImplementedError
+
+    # -- state (folder: the checkpoint folder; engines write into folder / "engine")
+    def save(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def full_state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """(GPT fp32 state dict, objective fp32 state dict or None) on rank 0 ({} elsewhere). Collective."""
+        raise NotImplementedError
+
+    def ema_params(self) -> list[tuple[str, torch.Tensor]]:
+        """(GPT parameter name, tensor the EMA averages) pairs, in a fixed order."""
+        return [(n, p) for n, p in self.module.gpt.named_parameters()]
+
+    def train(self) -> None:
+        self.module.train()
+
+
+class PlainEngine(Engine):
+    """Single process or torch DDP; bf16 through autocast with fp32 weights."""
+
+    def __init__(self, module: TrainModule, optimizer, runtime: Runtime, accum: int, grad_clip: float,
+                 precision: str):
+        super().__init__(module, optimizer, runtime, accum)
+        self.grad_clip = float(grad_clip)
+        self.autocast = precision == "bf16"
+        self.wrapped: nn.Module = module
+        if runtime.backend == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.wrapped = DDP(module, device_ids=ids)
+        self._micro = 0
+        self._norm: torch.Tensor | None = None
+        self._params = [p for p in module.parameters() if p.requires_grad]
+
+    def _sync_context(self):
+        boundary = (self._micro + 1) % self.accum == 0
+        if self.runtime.backend == "ddp" and not boundary:
+            return self.wrapped.no_sync()
+        return nullcontext()
+
+    def forward(self, *args):
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        self._ctx = self._sync_context()
+        self._ctx.__enter__()           # DDP's no_sync must cover forward and backward
+        with ctx:
+            return self.wrapped(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+        self._ctx.__exit__(None, None, None)
+
+    def step(self) -> None:
+        self._micro += 1
+        if self._micro % self.accum:
+            return
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+        self._norm = torch.nn.utils.clip_grad_norm_(self._params, clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float | None:
+        return None if self._norm is None else float(self._norm)
+
+    def save(self, folder: Path) -> None:
+        if self.runtime.is_main:
+            save_file({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                      folder / "engine" / "state.pt")
+
+    def load(self, folder: Path) -> None:
+        from mirai.checkpoint import load_state
+        path = folder / "engine" / "state.pt"
+        state = load_file(path)
+        load_state(self.module, state["module"], str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_state_dicts(self):
+        if not self.runtime.is_main:
+            return {}, None
+        cpu = lambda m: {k: v.detach().float().cpu().clone() for k, v in m.state_dict().items()}  # noqa: E731
+        return cpu(self.module.gpt), (cpu(self.module.objective) if self.module.objective is not None else None)
+
+
+class DeepSpeedEngine(Engine):
+    """``deepspeed.initialize`` around the TrainModule with the client optimizer."""
+
+    def __init__(self, module: TrainModule, optimizer, runtime: Runtime, ds_config: dict[str, Any]):
+        import deepspeed
+        self.zero3 = ds_config["zero_optimization"]["stage"] == 3
+        engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                                    dist_init_required=False)
+        super().__init__(module, optimizer, runtime, ds_config["gradient_accumulation_steps"])
+        self.ds = engine
+        self.ds_optimizer = ds_opt
+        self.device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+        if self.zero3 and module.objective is not None:
+            # the fused foresight op reads the stacked head weights without calling heads.forward, so
+            # ZeRO-3 must gather them for the objective's forward (deepspeed.zero is an attribute of
+            # the deepspeed package, not an importable module path)
+            for p in module.objective.parameters():
+                deepspeed.zero.register_external_parameter(module.objective, p)
+
+    def forward(self, *args):
+        return self.ds(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def set_lr(self, lr: float) -> None:
+        super().set_lr(lr)                                     # the client optimizer's groups
+        for group in getattr(self.ds_optimizer, "param_groups", []) or []:
+            group["lr"] = lr
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+    def save(self, folder: Path) -> None:
+        self.ds.save_checkpoint(str(folder), tag="engine", client_state={}, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        from mirai.checkpoint import CheckpointError
+        try:
+            path, _ = self.ds.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        except Exception as err:  # noqa: BLE001 - DeepSpeed raises many kinds; name the folder
+            raise CheckpointError(f"{folder / 'engine'}: DeepSpeed could not load it "
+                                  f"({type(err).__name__}: {err})") from err
+        if path is None:
+            raise CheckpointError(f"{folder / 'engine'}: DeepSpeed found no checkpoint there")
+
+    def _fp32_lookup(self) -> dict[int, torch.Tensor]:
+        """id(param) -> fp32 master copy for DeepSpeed's fp16/bf16 wrappers without _hp_mapping (ZeRO-0)."""
+        opt = self.ds_optimizer
+        out: dict[int, torch.Tensor] = {}
+        lp_groups = getattr(opt, "fp16_groups", None)
+        if lp_groups is None:
+            return out
+        if hasattr(opt, "fp32_groups_flat"):
+            from torch._utils import _unflatten_dense_tensors
+            for lp, flat in zip(lp_groups, opt.fp32_groups_flat):
+                for p, q in zip(lp, _unflatten_dense_tensors(flat, lp)):
+                    out[id(p)] = q
+        elif hasattr(opt, "fp32_groups"):
+            for lp, hp in zip(lp_groups, opt.fp32_groups):
+                for p, q in zip(lp, hp):
+                    out[id(p)] = q
+        return out
+
+    def full_state_dicts(self):
+        from deepspeed.utils import safe_get_full_fp32_param
+        lookup = self._fp32_lookup()
+        main = self.runtime.is_main
+
+        def collect(mod: nn.Module) -> dict[str, torch.Tensor]:
+            sd: dict[str, torch.Tensor] = {}
+            for name, p in mod.named_parameters():
+                full = safe_get_full_fp32_param(p)            # collective under ZeRO-1/2/3
+                if full is None:
+                    full = lookup.get(id(p), p.detach())
+                if main:
+                    sd[name] = full.detach().float().cpu().clone()
+            if main:
+                for name, b in mod.named_buffers():
+                    if name in mod.state_dict():              # persistent buffers only
+                        sd[name] = b.detach().cpu().clone()
+            return sd
+
+        gpt = collect(self.module.gpt)
+        obj = collect(self.module.objective) if self.module.objective is not None else None
+        return (gpt, obj) if main else ({}, None)
+
+    def ema_params(self):
+        if not self.zero3:
+            return super().ema_params()
+        return [(n, p.ds_tensor) for n, p in self.module.gpt.named_parameters()]
+
+    def zero3_meta(self) -> dict[str, tuple[int, torch.Size, int]]:
+        """name -> (numel, full shape, partition numel) of every GPT parameter (ZeRO-3)."""
+        return {n: (int(p.ds_numel), p.ds_shape, int(p.ds_tensor.numel()))
+                for n, p in self.module.gpt.named_parameters()}
+
+
+def deepspeed_config(cfg, world_size: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a run, built from the dataclass."""
+    t = cfg.train
+    accum = t.global_batch // (t.micro_batch * world_size)
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage >= 1:
+        zero.update({"overlap_comm": device.type == "cuda", "contiguous_gradients": True,
+                     "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8),
+                     "reduce_scatter": True})
+    if t.zero_stage == 3:
+        zero.pop("allgather_bucket_size")
+        zero.update({"stage3_gather_16bit_weights_on_model_save": False,
+                     "stage3_param_persistence_threshold": int(1e5),
+                     "stage3_prefetch_bucket_size": int(5e7)})
+    return {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2 ** 62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(module: TrainModule, cfg, runtime: Runtime, base_lr: float) -> Engine:
+    """Move the module to the device, apply compile / activation checkpointing, wrap it."""
+    gpt = module.gpt
+    if cfg.train.activation_checkpointing:
+        gpt.enable_activation_checkpointing(True)
+    if cfg.train.compile:
+        for block in gpt.layers:
+            block.compile()
+    accum = cfg.train.global_batch // (cfg.train.micro_batch * runtime.world_size)
+    module.to(runtime.device)
+    if runtime.backend == "deepspeed":
+        optimizer = build_optimizer(module, cfg.optim, base_lr, runtime.device)
+        return DeepSpeedEngine(module, optimizer, runtime, deepspeed_config(cfg, runtime.world_size, runtime.device))
+    optimizer = build_optimizer(module, cfg.optim, base_lr, runtime.device)
+    return PlainEngine(module, optimizer, runtime, accum, cfg.optim.grad_clip, cfg.train.precision)

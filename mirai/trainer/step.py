@@ -1,0 +1,104 @@
+"""One optimizer step of Mirai training (the function train.py and benchmarks/bench_step.py share).
+
+``StepRunner.run(step, epoch, batches)`` for the ``accum`` micro-batches of optimizer step ``step``:
+
+1. learning rate of this step into the optimizer (host math, no sync);
+2. foresight coefficients ``coefficients(cfg, step, total_steps, epoch)`` (host floats; all zero
+   during the Mirai-E warm-up epochs);
+3. per micro-batch: host-to-device copy (non-blocking from pinned memory); the teacher targets
+   outside the engine under no_grad (EMA teacher forward in bf16 on the EMA weights, precomputed
+   encoder features, or an online encoder on ``batch["images"]``), skipped while the coefficients
+   are zero; the engine forward / backward / step; losses accumulated in a device-side meter;
+4. the EMA update (which also refreshes the online teacher).
+
+No ``.item()`` / host sync happens here; the caller reads the meter on log steps only.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from mirai.foresight.schedules import coefficients
+from mirai.foresight.sources import EMATeacher, PrecomputedFeatures
+from mirai.trainer.data import to_device
+from mirai.trainer.engine import Engine, lr_at
+from mirai.trainer.logging import LossMeter
+
+
+_DEVICE_KEYS = ("codes", "labels", "features", "images")   # what the step reads on the device
+
+
+class StepRunner:
+    """Holds what a step needs; see the module docstring."""
+
+    def __init__(self, engine: Engine, fcfg, source, ema_state, optim_cfg, base_lr: float, total_steps: int):
+        self.engine = engine
+        self.fcfg = fcfg                      # resolved ForesightConfig (or the unresolved "none" one)
+        self.source = source                  # EMATeacher | PrecomputedFeatures | EncoderTeacher | None
+        self.ema_state = ema_state            # EMAState | None
+        self.optim_cfg = optim_cfg
+        self.base_lr = float(base_lr)
+        self.total_steps = int(total_steps)
+        self.k = engine.module.k
+        self.meter = LossMeter(self.k, engine.device)
+        self.last_coeffs: list[float] = []
+        self.last_lr = 0.0
+        self._coeffs_key: tuple[float, ...] | None = None
+        self._coeffs_dev: torch.Tensor | None = None
+
+    def coefficients(self, step: int, epoch: int) -> list[float]:
+        if self.k == 0:
+            return []
+        return coefficients(self.fcfg, step, self.total_steps, epoch)
+
+    def coefficients_on_device(self, coeffs: list[float]) -> torch.Tensor:
+        """[K] fp32 on the engine's device, copied from pinned memory only when the values change
+        (a pageable host-to-device copy could stall the host behind the GPU queue)."""
+        key = tuple(coeffs)
+        if key != self._coeffs_key:
+            host = torch.tensor(coeffs, dtype=torch.float32)
+            if self.engine.device.type == "cuda":
+                host = host.pin_memory()
+            self._coeffs_dev = host.to(self.engine.device, non_blocking=True)
+            self._coeffs_key = key
+        return self._coeffs_dev
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        src = self.source
+        if src is None:
+            return None
+        if isinstance(src, PrecomputedFeatures) and "features" in batch:
+            return src.targets(batch["features"])
+        if isinstance(src, EMATeacher):
+            idx, _ = self.engine.module.gpt.prepare_inputs(batch["codes"])
+            return src.targets(idx, batch["labels"])
+        if "images" in batch:                                              # online encoder (benchmarks)
+            return src.targets(batch["images"])
+        raise ValueError(f"foresight source {type(src).__name__}: the batch has no input for it "
+                         f"(keys {sorted(batch)}); Mirai-I needs data.features or images")
+
+    def run(self, step: int, epoch: int, batches: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Optimizer step `step` (0-based) over its micro-batches."""
+        engine = self.engine
+        self.last_lr = lr_at(step, self.optim_cfg, self.total_steps, self.base_lr)
+        engine.set_lr(self.last_lr)
+        coeffs = self.coefficients(step, epoch)
+        self.last_coeffs = coeffs
+        active = any(c != 0.0 for c in coeffs)
+        # while all coefficients are 0 (warm-up) the host list lets the objective skip its work;
+        # afterwards a cached device tensor avoids a host-to-device copy per micro-batch
+        obj_coeffs = (self.coefficients_on_device(coeffs) if active else coeffs) if coeffs else None
+        for batch in batches:
+            batch = to_device({k: v for k, v in batch.items() if k in _DEVICE_KEYS}, engine.device)
+            teacher = self.teacher_targets(batch) if active else None
+            loss, ntp, per_head = engine.forward(batch["codes"], batch["labels"], teacher, obj_coeffs)
+            engine.backward(loss)
+            engine.step()
+            self.meter.add(loss, ntp, per_head)
+        if self.ema_state is not None:
+            self.ema_state.update(step)
+
+    def state(self) -> dict[str, Any]:
+        return {"lr": self.last_lr, "lambdas": list(self.last_coeffs)}

@@ -1,0 +1,121 @@
+"""Config: YAML + base inheritance + typed --set overrides, and errors that name the field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mirai.config import Config, ConfigError, load_config, save_config, validate
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted([REPO / "configs" / "debug.yaml", *(REPO / "configs").glob("gpt-*.yaml")])   # the trainer's
+
+
+def _error(cfg_or_fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        cfg_or_fn(*args, **kwargs)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load_and_validate(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    if path.stem == "gpt-b_mirai_e_static_k9":      # needs the user's teacher checkpoint
+        assert _error(validate, cfg, world_size=8, check_data=False).startswith("foresight.static_teacher_ckpt:")
+        return
+    world = max(1, min(8, cfg.train.global_batch // cfg.train.micro_batch))
+    validate(cfg, world_size=world, check_data=False)
+
+
+def test_base_inheritance_and_recipe():
+    cfg = load_config(REPO / "configs" / "gpt-xxl_mirai_e.yaml")
+    assert cfg.name == "gpt-xxl_mirai_e" and cfg.out_dir is None
+    assert cfg.run_dir == Path("runs/gpt-xxl_mirai_e")
+    assert cfg.model.name == "GPT-XXL" and cfg.foresight.layer == 32 and cfg.foresight.mode == "ema"
+    o = cfg.optim
+    assert (o.lr, o.betas, o.weight_decay, o.grad_clip, o.schedule) == (1e-4, (0.9, 0.95), 0.05, 1.0, "const")
+    assert cfg.train.zero_stage == 2 and cfg.train.micro_batch == 16 and cfg.train.global_batch == 256
+    assert load_config(REPO / "configs" / "gpt-xl_baseline.yaml").optim.schedule == "cosine"
+    i = load_config(REPO / "configs" / "gpt-l_mirai_i.yaml")
+    assert (i.foresight.k, i.foresight.encoder.name, i.data.features) == (1, "dinov2_vitl14", True)
+    assert load_config(REPO / "configs" / "gpt-b_mirai_i_384.yaml").model.grid_size == 24
+
+
+def test_llamagen_s_is_half_of_gpt_b():
+    from mirai.config import model_gpt_config
+    from mirai.flops import total_params
+    s = total_params(model_gpt_config(load_config(REPO / "configs" / "gpt-s_baseline.yaml").model))
+    b = total_params(model_gpt_config(load_config(REPO / "configs" / "gpt-b_baseline.yaml").model))
+    assert b == 110_888_448 and s == 58_196_992      # the count stated in the config's comment
+
+
+def test_typed_overrides():
+    cfg = load_config(REPO / "configs" / "gpt-b_mirai_e.yaml", [
+        "optim.lr=2e-4", "train.micro_batch=16", "train.compile=false", "train.max_steps=none",
+        "foresight.lambdas=[2, 2, 1]", "optim.betas=0.9,0.99", "foresight.encoder.block_causal=4",
+        "model.dim=512", "out_dir=/tmp/x"])
+    assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.micro_batch == 16 and cfg.train.compile is False and cfg.train.max_steps is None
+    assert cfg.foresight.lambdas == [2.0, 2.0, 1.0] and cfg.optim.betas == (0.9, 0.99)
+    assert cfg.foresight.encoder.block_causal == 4 and cfg.model.dim == 512 and cfg.run_dir == Path("/tmp/x")
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = load_config(REPO / "configs" / "gpt-l_mirai_i.yaml", ["train.seed=7"])
+    path = save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(path)
+    assert again == cfg and isinstance(again, Config)
+
+
+@pytest.mark.parametrize("override, field, words", [
+    ("train.micro_bach=4", "train.micro_bach", "did you mean 'micro_batch'"),
+    ("foresigt.k=3", "foresigt", "did you mean 'foresight'"),
+    ("train.micro_batch=abc", "train.micro_batch", "expected int"),
+    ("train.compile=maybe", "train.compile", "expected bool"),
+    ("train.precision=fp16", "train.precision", "must be one of"),
+    ("optim.betas=0.9", "optim.betas", "expected 2 values"),
+    ("train=3", "train", "is a section"),
+])
+def test_parse_errors_name_the_field(override, field, words):
+    msg = _error(load_config, REPO / "configs" / "gpt-b_baseline.yaml", [override])
+    assert msg.startswith(field + ":") and words in msg
+
+
+@pytest.mark.parametrize("overrides, world, field", [
+    (["foresight.mode=ema", "foresight.k=0"], 1, "foresight.k"),
+    (["foresight.mode=ema", "foresight.layer=13"], 8, "foresight.layer"),
+    (["train.zero_stage=4"], 8, "train.zero_stage"),
+    (["train.micro_batch=48"], 8, "train.micro_batch"),
+    (["train.micro_batch=32"], 3, "train.micro_batch"),
+    (["model.name=GPT-Q"], 8, "model.name"),
+    (["foresight.mode=ema", "foresight.ema_decay=0.999"], 8, "foresight.ema_decay"),
+    (["foresight.mode=encoder", f"foresight.encoder.weights={REPO / 'configs'}"], 8,
+     "foresight.use_precomputed_features"),                  # online encoder: no images in a code store
+    (["ema.decay=1.0"], 8, "ema.decay"),
+])
+def test_semantic_errors_name_the_field(overrides, world, field):
+    cfg = load_config(REPO / "configs" / "gpt-b_baseline.yaml", overrides)
+    msg = _error(validate, cfg, world_size=world, check_data=False)
+    assert msg.startswith(field + ":"), msg
+
+
+def test_data_errors_name_the_field(debug_cfg, tmp_path):
+    assert _error(validate, debug_cfg("data.codes=" + str(tmp_path / "nowhere"))).startswith("data.codes:")
+    assert _error(validate, debug_cfg("data.codes=")).startswith("data.codes:")
+    assert _error(validate, debug_cfg("model.image_size=128")).startswith("model.image_size:")   # 8x8 vs 4x4 store
+    assert _error(validate, debug_cfg("model.vocab_size=32")).startswith("model.vocab_size:")
+    msg = _error(validate, debug_cfg("foresight.mode=encoder", "foresight.use_precomputed_features=true",
+                                     "data.features=true"))
+    assert msg.startswith("foresight.head_out:") and "32" in msg                            # 768 vs the store's 32
+    validate(debug_cfg("foresight.mode=encoder", "foresight.use_precomputed_features=true",
+                       "data.features=true", "foresight.head_out=32"))
+
+
+def test_cli_refuses_bad_config_before_any_work(debug_cfg, tmp_path, capsys):
+    from mirai.train import main
+    out = tmp_path / "never"
+    rc = main(["--config", str(REPO / "configs" / "debug.yaml"), "--set", f"out_dir={out}",
+               "foresight.mode=ema", "foresight.layer=3"])
+    assert rc == 2 and not out.exists()
+    assert "foresight.layer" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""Single-process training on CPU: exact resume, Mirai-E warm-up, EMA formula, loader determinism."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mirai.checkpoint import load_file, read_latest
+
+DEBUG_YAML = Path(__file__).resolve().parent.parent / "configs" / "debug.yaml"
+
+# Mirai-E on GPT-debug, dropout on (tests RNG restore), fp32, single process, 8 steps per epoch
+MIRAI_E = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0", "foresight.ema_decay=0.9",
+           "ema.decay=0.9", "train.log_every=1"]
+
+
+def _cfg(store: Path, out: Path, *extra: str):
+    from mirai.config import load_config, validate
+    cfg = load_config(DEBUG_YAML, [f"data.codes={store}", f"out_dir={out}", "train.progress=false",
+                                   "train.tensorboard=false", *extra])
+    validate(cfg)
+    return cfg
+
+
+def _train(store: Path, out: Path, *extra: str):
+    from mirai.train import train
+    return train(_cfg(store, out, *extra))
+
+
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's model, heads, EMA and engine state, by a flat name."""
+    out = {}
+    model = load_file(ckpt / "model.pt")
+    out.update({f"model.{k}": v for k, v in model["model"].items()})
+    out.update({f"heads.{k}": v for k, v in (model["heads"] or {}).items()})
+    out.update({f"ema.{k}": v for k, v in load_file(ckpt / "ema.pt")["ema"].items()})
+    state = load_file(ckpt / "engine" / "state.pt")
+    out.update({f"engine.{k}": v for k, v in state["module"].items()})
+    for pid, st in state["optimizer"]["state"].items():
+        out.update({f"adam.{pid}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(code_store, tmp_path_factory):
+    """Mirai-E, 6 uninterrupted steps, checkpoints at 3 and 6."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = _train(code_store, out, *MIRAI_E, "train.max_steps=6", "train.ckpt_every=3")
+    return result
+
+
+def test_resume_is_bit_identical(finished_run, code_store, tmp_path):
+    out = tmp_path / "resumed"
+    first = _train(code_store, out, *MIRAI_E, "train.max_steps=6", "train.ckpt_every=3", "train.stop_at=3")
+    assert first.step == 3 and read_latest(out).name == "step_00000003"
+    # resume in a fresh config (worker processes now: the data order must not depend on them)
+    second = _train(code_store, out, *MIRAI_E, "train.max_steps=6", "train.ckpt_every=3", "data.num_workers=2")
+    assert [m["step"] for m in second.metrics] == [4, 5, 6]
+    ref = {m["step"]: m for m in finished_run.metrics}
+    for m in first.metrics + second.metrics:
+        for key in ("loss", "ntp_loss", "head_loss", "lambdas", "lr", "grad_norm"):
+            assert m[key] == ref[m["step"]][key], (m["step"], key)
+    a, b = _tensors(finished_run.checkpoint), _tensors(second.checkpoint)
+    assert a.keys() == b.keys() and len(a) > 50
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the metrics file of the resumed run continues where the first part stopped
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_warmup_switches_on_after_warmup_epochs(code_store, tmp_path):
+    # 64 images / global batch 8 = 8 steps per epoch: steps 1..8 are epoch 0 (warm-up), step 9 is epoch 1
+    res = _train(code_store, tmp_path / "warm", "train.backend=single", "foresight.mode=ema",
+                 "foresight.warmup_epochs=1", "foresight.ema_decay=0.99", "train.log_every=1",
+                 "train.max_steps=10", "train.ckpt_every=100")
+    by_step = {m["step"]: m for m in res.metrics}
+    for s in range(1, 9):
+        assert by_step[s]["lambdas"] == [0.0, 0.0, 0.0] and by_step[s]["head_loss"] == [0.0, 0.0, 0.0]
+        assert by_step[s]["loss"] == by_step[s]["ntp_loss"]
+    for s in (9, 10):
+        assert by_step[s]["epoch"] == 1 and by_step[s]["lambdas"] == [2.0, 2.0, 2.0]
+        assert all(h != 0.0 for h in by_step[s]["head_loss"])
+        assert by_step[s]["loss"] != by_step[s]["ntp_loss"]
+
+
+def test_ema_follows_the_formula_and_drives_the_teacher(code_store, tmp_path):
+    from mirai.train import build_run
+    decay = 0.9
+    run = build_run(_cfg(code_store, tmp_path / "ema", "train.backend=single", "foresight.mode=ema",
+                         "foresight.warmup_epochs=0", f"foresight.ema_decay={decay}", f"ema.decay={decay}"))
+    params = lambda: {n: p.detach().clone() for n, p in run.gpt.named_parameters()}  # noqa: E731
+    expected = params()                                          # EMA at step 0 = the initial weights
+    run.loader.start(0)
+    it = iter(run.loader)
+    for step in range(3):
+        run.runner.run(step, 0, [next(it) for _ in range(run.accum)])
+        now = params()
+        expected = {n: decay * expected[n] + (1 - decay) * now[n] for n in now}
+        assert not torch.equal(now["layers.0.attention.wqkv.weight"], expected["layers.0.attention.wqkv.weight"])
+    for n, e in expected.items():
+        torch.testing.assert_close(run.ema_state.shadow[n], e, rtol=1e-6, atol=1e-7, msg=n)
+    teacher = dict(run.source.module.named_parameters())
+    for n in run.source.teacher_names:
+        assert teacher[n].dtype == torch.bfloat16, n
+        assert torch.equal(teacher[n], run.ema_state.shadow[n].to(torch.bfloat16)), n
+
+
+def test_loader_shards_cover_the_global_batch_and_resume_mid_epoch(code_store):
+    from mirai.trainer.data import Shard, TrainLoader
+
+    def micro_batches(shard, start, n, workers=0):
+        loader = TrainLoader(str(code_store), shard, seed=3, num_workers=workers)
+        loader.start(start)
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    single = micro_batches(Shard(0, 1, 4, 2), start=0, n=2 * 10)           # 10 steps of 2 micro-batches
+    ranks = [micro_batches(Shard(r, 2, 4, 1), start=0, n=10) for r in range(2)]
+    for step in range(10):
+        want = sorted(torch.cat([b["index"] * 10 + b["aug"] for b in single[2 * step:2 * step + 2]]).tolist())
+        got = sorted(torch.cat([ranks[r][step]["index"] * 10 + ranks[r][step]["aug"] for r in range(2)]).tolist())
+        assert want == got
+    assert len(set(torch.cat([b["index"] for b in single[:16]]).tolist())) == 64      # epoch 0 = a permutation
+    assert not torch.equal(single[0]["index"], single[16]["index"])                   # epoch 1 reshuffled
+    resumed = micro_batches(Shard(0, 1, 4, 2), start=7, n=6, workers=2)               # crosses the epoch end
+    for a, b in zip(resumed, single[14:20]):
+        assert all(torch.equal(a[k], b[k]) for k in ("codes", "labels", "index", "aug"))
+
+
+def test_crash_during_save_keeps_the_previous_latest(code_store, tmp_path, monkeypatch):
+    import mirai.checkpoint as ckpt_mod
+    from mirai.train import train
+    out = tmp_path / "crash"
+    args = ("train.backend=single", "train.max_steps=4", "train.ckpt_every=1", "train.keep_last=2")
+    real_save = ckpt_mod.save_file
+
+    def failing_save(obj, path):
+        if Path(path).name == "ema.pt" and "step_00000004" in str(path):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        train(_cfg(code_store, out, *args))
+    monkeypatch.setattr(ckpt_mod, "save_file", real_save)
+    assert read_latest(out).name == "step_00000003"
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000002", "step_00000003", "step_00000004"]
+    assert not (out / "checkpoints" / "step_00000004" / "meta.json").exists()
+    res = train(_cfg(code_store, out, *args))                                        # resumes from step 3
+    assert [m["step"] for m in res.metrics] == [4] and read_latest(out).name == "step_00000004"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000003", "step_00000004"]
