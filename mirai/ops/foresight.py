@@ -1,0 +1,221 @@
+"""Fused foresight loss: K projection-head MLPs + neighbour-table gather + cosine alignment.
+
+``foresight_loss(h, heads, teacher, table, coeffs, backend="auto", *, chunk_tokens=None)
+-> (total, per_head)`` computes the same numbers as running ``heads(h)`` and then
+``mirai.ops.reference.foresight_cosine_loss`` (see ``foresight_loss_reference``):
+
+    y_k[b, t]   = W3_k silu(W2_k silu(W1_k h[b, t] + b1_k) + b2_k) + b3_k          (head k)
+    per_head[k] = mean over (b, t) with table[k, t] >= 0 of -cos(y_k[b, t], teacher[b, table[k, t]])
+                  (fp32, norms clamped at eps = 1e-6 as F.normalize does; 0 for a head without targets)
+    total       = sum_k coeffs[k] * per_head[k]
+
+Shapes and dtypes: h [B, T, D]; heads a ``mirai.foresight.ForesightHeads`` of kind "mlp"
+(stacked parameters w1 [K, H, D], b1 [K, H], w2 [K, H, H], b2 [K, H], w3 [K, C, H], b3 [K, C]);
+teacher [B, S, C] (never receives a gradient); table [K, T] int64 with values in [-1, S)
+(-1: no target); coeffs [K] (tensor or sequence of floats; no gradient). h is cast to the
+parameters' dtype (as ``ForesightHeads.forward`` does). Fused kernels take float32 or bfloat16
+heads (float64 on the CPU) and a float32/bfloat16 teacher; the loss is fp32 (float64 for
+float64 heads). Gradients flow into h and the six head parameters through ``total``;
+``per_head`` is returned detached (it is for logging: differentiate ``total``).
+
+Algorithm (csrc/foresight/foresight.cpp has the details): the loss is a leaf, so the op does
+the backward through the heads inside its forward, ``chunk_tokens`` tokens at a time: layer 1
+as one GEMM of width K*H (and its input gradient as one GEMM summing over heads), layers 2-3
+as strided-batched GEMMs, bias + SiLU fused in one pass, a loss kernel that reads the teacher
+rows through the table (the gathered targets [K, B, T, C] never exist) and writes
+d loss / d y in the same pass, fp32 weight-gradient accumulators. The op keeps only dh and the
+parameter gradients; the autograd backward scales them by the incoming gradient. On CUDA it
+does so in place, and not at all when that gradient is 1 (the usual case), so there a graph
+through this op can be back-propagated once: ``retain_graph`` with a second backward raises
+autograd's in-place-modification error (on the CPU, and under torch.compile, the scaling is out
+of place and repeated backwards work). Peak extra memory is the workspace
+(3 * chunk_tokens * K * H + chunk_tokens * K * C elements, within ``DEFAULT_WORKSPACE_BYTES``
+by default), fp32 weight-gradient accumulators when there is more than one chunk, and the
+gradients themselves. The head parameters are read directly (``heads.forward`` is not
+called), so under ZeRO-3 they must be gathered by the caller.
+
+Backends: ``"fused"`` uses the CUDA kernels for CUDA tensors and the C++ CPU kernels for CPU
+tensors (``mirai._C``) and raises a clear error when they cannot run; ``"reference"`` runs
+the plain PyTorch formulation; ``"auto"`` (default) picks the fused kernels when they can run
+and otherwise falls back to the reference, warning once per reason (``mirai._ext.warn_fallback``):
+extension missing or built without CUDA, a head kind other than "mlp", an unsupported dtype.
+
+The op is registered as the torch custom op ``mirai::foresight_fused`` (with a fake
+implementation and an autograd formula), so ``torch.compile`` traces models that call it.
+Table values are range-checked (one host sync) the first time a table tensor is seen and
+again only when it is modified in place; keep the table on the device as int64 so the check
+is not repeated every step.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mirai import _ext
+
+BACKENDS = ("auto", "fused", "reference")
+
+# Workspace budget of the fused op when chunk_tokens is not given: the tokens are split into
+# the fewest equal chunks whose buffers (3 * chunk * K * hidden + chunk * K * C elements) fit.
+# One chunk (when everything fits) also skips the fp32 weight-gradient accumulators.
+DEFAULT_WORKSPACE_BYTES = 192 * 2**20
+
+_HEAD_PARAMS = ("w1", "b1", "w2", "b2", "w3", "b3")
+
+# id(table) -> (weakref to it, its _version, S it was checked against): tables already
+# range-checked, so the check (a host sync) runs once per table rather than every step.
+_CHECKED_TABLES: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def _table_needs_check(table: Tensor, s: int) -> bool:
+    entry = _CHECKED_TABLES.get(id(table))
+    return entry is None or entry[0]() is not table or entry[1] != table._version or entry[2] != s
+
+
+def _mark_table_checked(table: Tensor, s: int) -> None:
+    if len(_CHECKED_TABLES) > 64:  # drop entries of tables that no longer exist
+        for key in [k for k, v in _CHECKED_TABLES.items() if v[0]() is None]:
+            del _CHECKED_TABLES[key]
+    _CHECKED_TABLES[id(table)] = (weakref.ref(table), table._version, s)
+
+
+@torch.library.custom_op("mirai::foresight_fused", mutates_args=())
+def _foresight_fused(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+                     teacher: Tensor, table: Tensor, coeffs: Tensor, chunk_tokens: int, need_grad: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Raw fused op: (total, per_head, dh, dw1, db1, dw2, db2, dw3, db3), the grads being those of
+    total (empty tensors when not need_grad)."""
+    C = _ext.ext()
+    if C is None:
+        raise RuntimeError(f"mirai::foresight_fused: the extension mirai._C is unavailable ({_ext.load_error()})")
+    if h.is_cuda:
+        if not hasattr(C, "foresight_fused_cuda"):
+            raise RuntimeError("mirai::foresight_fused: mirai._C was built without its CUDA kernels")
+        fn = C.foresight_fused_cuda
+    else:
+        fn = C.foresight_fused_cpu
+    s = teacher.shape[1] if teacher.dim() == 3 else -1
+    check = _table_needs_check(table, s)
+    out = fn(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, need_grad, check)
+    if check:
+        _mark_table_checked(table, s)
+    return tuple(out)
+
+
+@_foresight_fused.register_fake
+def _(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, need_grad):
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    k = w1.shape[0]
+    total = h.new_empty((), dtype=acc)
+    per_head = h.new_empty((k,), dtype=acc)
+    if not need_grad:
+        return (total, per_head) + tuple(h.new_empty((0,)) for _ in range(7))
+    grads = tuple(torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in (h, w1, b1, w2, b2, w3, b3))
+    return (total, per_head) + grads
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[2:])  # dh and the six parameter grads of `total`
+
+
+def _scale_in_place_ok(g_total: Tensor, grads: tuple[Tensor, ...]) -> bool:
+    """Eager CUDA backward on real tensors without create_graph: scale the saved grads in place."""
+    return (g_total.is_cuda and not torch.is_grad_enabled() and _ext.has_op("foresight_scale_")
+            and all(type(t) is torch.Tensor and not torch._is_functional_tensor(t) for t in (g_total,) + grads))
+
+
+def _backward(ctx, g_total, g_per_head, *unused):
+    # per_head is detached by foresight_loss; only total's gradient reaches the inputs.
+    if g_total is None:
+        return (None,) * 12
+    grads = ctx.saved_tensors
+    if _scale_in_place_ok(g_total, grads):
+        # In place, and nothing is touched when g_total == 1. The saved grads are thereby
+        # modified, so a second backward through the same graph (retain_graph) raises autograd's
+        # in-place-modification error instead of returning wrong gradients.
+        _ext.ext().foresight_scale_(list(grads), g_total)
+    else:  # traced (torch.compile), create_graph, or no extension: out of place
+        grads = tuple(g * g_total for g in grads)
+    return tuple(grads) + (None,) * 5  # teacher, table, coeffs, chunk_tokens, need_grad
+
+
+_foresight_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fused_unavailable(h: Tensor, heads, teacher: Tensor) -> str | None:
+    """Why the fused kernels cannot run these inputs, or None when they can."""
+    if getattr(heads, "kind", "mlp") != "mlp":
+        return f"head kind {heads.kind!r} has no fused kernel (only 'mlp')"
+    if not _ext.available():
+        return f"the extension mirai._C is unavailable ({_ext.load_error()})"
+    dev = h.device.type
+    if dev == "cuda" and not _ext.has_op("foresight_fused_cuda"):
+        return "mirai._C was built without its CUDA kernels"
+    if dev not in ("cuda", "cpu"):
+        return f"no fused kernel for device type {dev!r}"
+    dt = heads.w1.dtype
+    ok = (torch.float32, torch.bfloat16) + ((torch.float64,) if dev == "cpu" else ())
+    if dt not in ok or teacher.dtype not in ok:
+        return f"dtypes heads={dt}, teacher={teacher.dtype} have no fused kernel on {dev} (supported: {ok})"
+    return None
+
+
+def auto_chunk_tokens(n_tokens: int, k: int, hidden: int, out_dim: int, elem_bytes: int,
+                      budget_bytes: int = DEFAULT_WORKSPACE_BYTES) -> int:
+    """Tokens per chunk: the fewest equal chunks (rounded up to 64 tokens) within the budget."""
+    per_token = (3 * k * hidden + k * out_dim) * elem_bytes
+    n_chunks = max(1, -(-n_tokens * per_token // budget_bytes))
+    chunk = -(-n_tokens // n_chunks)
+    return max(1, min(n_tokens, -(-chunk // 64) * 64))
+
+
+def foresight_loss(h: Tensor, heads, teacher: Tensor, table: Tensor, coeffs: Tensor | Sequence[float],
+                   backend: str = "auto", *, chunk_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+    """(total, per_head[K]) of the foresight alignment loss; see the module docstring.
+
+    backend: "auto" | "fused" | "reference". chunk_tokens: tokens per chunk of the fused op
+    (default: ``auto_chunk_tokens`` within ``DEFAULT_WORKSPACE_BYTES``); it trades workspace
+    memory for GEMM efficiency and does not change the result beyond rounding.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"foresight_loss: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return _reference(h, heads, teacher, table, coeffs)
+    reason = _fused_unavailable(h, heads, teacher)
+    if reason is not None:
+        if backend == "fused":
+            raise RuntimeError(f"foresight_loss(backend='fused'): {reason}")
+        _ext.warn_fallback("foresight_loss", reason)
+        return _reference(h, heads, teacher, table, coeffs)
+    params = [getattr(heads, name) for name in _HEAD_PARAMS]
+    if chunk_tokens is None:
+        if h.dim() == 3 and params[0].dim() == 3 and params[4].dim() == 3:
+            chunk = auto_chunk_tokens(h.shape[0] * h.shape[1], params[0].shape[0], params[0].shape[1],
+                                      params[4].shape[1], params[0].element_size())
+        else:
+            chunk = 1  # malformed shapes: the op's checks raise a message naming the tensor
+    else:
+        chunk = int(chunk_tokens)
+    if chunk < 1:
+        raise ValueError(f"foresight_loss: chunk_tokens must be >= 1, got {chunk}")
+    for name, t in [("teacher", teacher), ("table", table)] + list(zip(_HEAD_PARAMS, params)):
+        if t.device != h.device:
+            raise ValueError(f"foresight_loss: all tensors must be on h's device ({h.device}), "
+                             f"but {name} is on {t.device}")
+    x = h.to(params[0].dtype)
+    coeffs_t = torch.as_tensor(coeffs, dtype=torch.float32, device=h.device)
+    if table.dtype != torch.int64 and not table.is_floating_point():
+        table = table.long()
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    out = _foresight_fused(x, *params, teacher.detach(), table, coeffs_t.detach(), chunk, need_grad)
+    total, per_head = out[0], out[1]
+    return total, per_head.detach()
+
+
+def _reference(h, heads, teacher, table, coeffs):
+    from mirai.ops.reference import foresight_loss_reference
+
+    return foresight_loss_reference(h, heads, teacher, table, coeffs)
