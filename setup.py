@@ -63,9 +63,11 @@ def _extension():
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     with_cuda = CUDA_HOME is not None and os.environ.get("MIRAI_SKIP_CUDA", "0") != "1"
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx = ["-O3"]  # torch.utils.cpp_extension adds the C++ standard its headers need
+    # torch.utils.cpp_extension adds the C++ standard its headers need; OpenMP makes at::parallel_for parallel
+    cxx = ["-O3", "-fopenmp"]
     if not with_cuda:
-        return CppExtension("mirai._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        return CppExtension("mirai._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                            extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -75,6 +77,7 @@ def _extension():
         include_dirs=include_dirs + _cuda_library_includes(),
         define_macros=[("MIRAI_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx + ["-DMIRAI_WITH_CUDA=1"], "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
     )
 
 

@@ -162,8 +162,11 @@ def profile(step_fn, device: torch.device, tag: str, steps: int = 5) -> Path:
     path = RESULTS_DIR / f"trace_{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(path))
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25), file=sys.stderr)
+    table = prof.key_averages()
+    if device.type == "cuda":   # where the GPU spends its time
+        print(table.table(sort_by="self_cuda_time_total", row_limit=25), file=sys.stderr)
+    # where the host spends its time (a step far above its GPU time is host-bound)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
     return path
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -51,7 +52,8 @@ class ModelConfig:
     """The AR transformer: a LlamaGen registry entry plus overrides of its GPTConfig."""
 
     name: str = "GPT-B"
-    """Registry name in ``mirai.models.gpt.GPT_models`` (GPT-debug, GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B)."""
+    """Registry name: ``mirai.models.gpt.GPT_models`` (GPT-debug, GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B) or
+    ``mirai.models.par.PAR_models`` (PAR-debug, PAR-B, ... : the same blocks in PAR's region-parallel order)."""
     vocab_size: int = 16384
     """Codebook size of the VQ tokenizer (LlamaGen VQ-16: 16384)."""
     num_classes: int = 1000
@@ -82,6 +84,9 @@ class ModelConfig:
     """Depth override (None: the registry's value)."""
     n_head: Optional[int] = None
     """Number of attention heads override (None: the registry's value)."""
+    num_regions: Optional[int] = None
+    """PAR models only (``PAR-*``): number of regions R the token grid is split into, a square whose root
+    divides the grid side (4: PAR-4x, 16: PAR-16x). None: the PAR default (4); must stay None for GPT-*."""
 
     @property
     def grid_size(self) -> int:
@@ -101,10 +106,15 @@ class ModelConfig:
             attn_dropout_p=self.attn_dropout_p, resid_dropout_p=self.resid_dropout_p,
             ffn_dropout_p=self.ffn_dropout_p, drop_path_rate=self.drop_path_rate,
             class_dropout_prob=self.class_dropout_prob, attn_backend=self.attn_backend)
-        for key in ("dim", "n_layer", "n_head"):
+        for key in ("dim", "n_layer", "n_head", "num_regions"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
+
+    @property
+    def is_par(self) -> bool:
+        """A PAR model (``mirai.models.par``: region-parallel token order, group-wise attention)."""
+        return self.name.startswith("PAR-")
 
 
 @dataclass
@@ -115,6 +125,12 @@ class DataConfig:
     """Code store folder written by ``mirai prepare`` (codes.npy, labels.npy, meta.json ...)."""
     features: bool = False
     """Read precomputed encoder patch features from the store (Mirai-I without images on disk)."""
+    images: Optional[str] = None
+    """Image folder the store was prepared from (``mirai prepare --images``), for Mirai-I with the encoder
+    run online: each sample's crop is re-created from its original file (``files.txt`` paths are relative
+    to this folder; absolute ones are used as is) with the store's crop settings, the augmentation index
+    selecting the ten-crop / flip variant exactly as ``prepare`` did, and handed to the encoder as uint8.
+    None: no images are read (baseline, Mirai-E, precomputed features)."""
     num_workers: int = 4
     """DataLoader worker processes per rank (0: load in the training process)."""
     pin_memory: bool = True
@@ -491,7 +507,8 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 def model_gpt_config(model: ModelConfig):
     """The GPTConfig (or PAR config) of the configured model; no module is built."""
     from mirai.models.gpt import GPT_models, gpt_config
-    known = list(GPT_models)
+    from mirai.models.par import PAR_models
+    known = list(GPT_models) + list(PAR_models)
     try:
         if model.name.startswith("PAR-"):
             from mirai.models.par import par_config
@@ -529,6 +546,7 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> None:
     for name in ("dim", "n_layer", "n_head"):
         v = getattr(m, name)
         _check(v is None or v >= 1, f"model.{name}", f"must be >= 1, got {v}")
+    validate_regions(m)
     gpt_config = model_gpt_config(m)
     # train
     _check(t.global_batch >= 1, "train.global_batch", f"must be >= 1, got {t.global_batch}")
@@ -564,6 +582,25 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> None:
         validate_data(cfg)
 
 
+def validate_regions(m: ModelConfig) -> None:
+    """``model.num_regions`` (PAR only): a square >= 4 whose root divides the token grid side."""
+    if m.is_par:
+        _check(m.attn_backend == "sdpa", "model.attn_backend",
+               f"{m.name} needs 'sdpa' (PAR's group-wise attention mask is not a plain causal mask)")
+    if m.num_regions is None:
+        return
+    _check(m.is_par, "model.num_regions", f"only PAR-* models are split into regions; {m.name} is not one "
+           "(use e.g. model.name=PAR-B, or leave num_regions null)")
+    r = math.isqrt(max(m.num_regions, 0))
+    _check(m.num_regions >= 4 and r * r == m.num_regions, "model.num_regions",
+           f"must be a square >= 4 (4 for PAR-4x, 16 for PAR-16x), got {m.num_regions}")
+    _check(m.grid_size % r == 0, "model.num_regions",
+           f"{m.num_regions} regions need the token grid side {m.grid_size} (model.image_size {m.image_size} / "
+           f"{m.downsample}) to be divisible by {r}")
+    _check(m.block_size >= 2 * m.num_regions, "model.num_regions",
+           f"{m.num_regions} regions need at least {2 * m.num_regions} tokens, the grid has {m.block_size}")
+
+
 def validate_foresight(cfg: Config, gpt_config) -> None:
     """Foresight fields against the model (K, layer within depth, teacher sources, data)."""
     f = cfg.foresight
@@ -573,17 +610,23 @@ def validate_foresight(cfg: Config, gpt_config) -> None:
         raise ConfigError(str(err)) from err
     if not f.enabled:
         return
+    if f.mode == "ema" and f.injection == "internal":
+        _check(f.head_out is None or f.head_out == gpt_config.dim, "foresight.head_out",
+               f"{f.head_out}, but the Mirai-E teacher (the model's own first blocks) outputs the model width "
+               f"{gpt_config.dim}; leave it null")
     if f.mode == "ema" and f.injection == "internal" and f.teacher == "online":
         _check(cfg.ema.enabled, "ema.enabled", "Mirai-E's online teacher is the model EMA; it must be enabled")
         if f.ema_decay != cfg.ema.decay:
             raise ConfigError(f"foresight.ema_decay: {f.ema_decay} differs from ema.decay {cfg.ema.decay}; the "
                               "Mirai-E teacher is the model EMA, set both to the same value")
     if f.mode == "encoder" and f.injection == "internal":
-        _check(f.use_precomputed_features, "foresight.use_precomputed_features",
-               "the trainer reads codes, not images, so Mirai-I needs precomputed encoder features: set "
-               "foresight.use_precomputed_features=true and data.features=true (store prepared with --encoder)")
-        _check(cfg.data.features, "data.features",
-               "must be true when foresight.use_precomputed_features is set (Mirai-I reads the store's features)")
+        _check(f.use_precomputed_features or cfg.data.images, "foresight.use_precomputed_features",
+               "Mirai-I needs either precomputed encoder features (foresight.use_precomputed_features=true and "
+               "data.features=true, a store prepared with --encoder) or the images the store was prepared from "
+               "(data.images=FOLDER, the encoder then runs online on each sample's crop)")
+        if f.use_precomputed_features:
+            _check(cfg.data.features, "data.features",
+                   "must be true when foresight.use_precomputed_features is set (Mirai-I reads the store's features)")
 
 
 def validate_data(cfg: Config) -> None:
@@ -625,3 +668,15 @@ def validate_data(cfg: Config) -> None:
             _check(width is None or width == int(feats["dim"]), "foresight.head_out",
                    f"the heads would output {width} channels ({'set' if f.head_out else f'width of {f.encoder.name}'}) "
                    f"but the store's features have {feats['dim']}")
+            if f.use_precomputed_features:
+                stored = int(meta.get("encoder_block_causal", 0) or 0)
+                _check(stored == f.encoder.block_causal, "foresight.encoder.block_causal",
+                       f"{f.encoder.block_causal} but the store's features were computed with block_causal={stored} "
+                       f"(prepare them with --encoder-block-causal {f.encoder.block_causal}, or run the encoder "
+                       "online with data.images)")
+    if d.images is not None:
+        from mirai.trainer.crops import ImageSourceError, StoreImages
+        try:
+            StoreImages(d.images, store).check()
+        except ImageSourceError as err:
+            raise ConfigError(str(err)) from err

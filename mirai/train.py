@@ -10,10 +10,14 @@ validated before anything is built; errors name the field. The run folder (``out
 ``runs/<name>``) receives the resolved ``config.yaml``, ``metrics.jsonl``, TensorBoard events and
 ``checkpoints/``; an existing run folder with a checkpoint is resumed (``train.resume=auto``).
 
-Per run: build the GPT and the foresight objective (heads), the teacher source OUTSIDE the engine
-(Mirai-E EMA teacher / precomputed features), the engine (DeepSpeed ZeRO 0..3, DDP or single
-process), the EMA (outside the engine; refreshes the online teacher), the loader; then the step loop
-(``mirai.trainer.step.StepRunner``) with logging and checkpoints. See ``mirai/trainer/`` for each part.
+Per run: build the model (``model.name``: a LlamaGen GPT-* or a PAR-* model, see mirai/models/par.py)
+and the foresight objective (heads; its neighbour table maps each sequence position back to its grid
+cell through ``model.position_to_cell``, so PAR's region-parallel order aligns with 2D-grid neighbours),
+the teacher source OUTSIDE the engine (Mirai-E EMA teacher: the model's own first blocks on the same
+model-ordered sequence; Mirai-I: precomputed features, or the frozen encoder run online on crops
+re-created from ``data.images``; both in raster cell order), the engine (DeepSpeed ZeRO 0..3, DDP or
+single process), the EMA (outside the engine; refreshes the online teacher), the loader; then the step
+loop (``mirai.trainer.step.StepRunner``) with logging and checkpoints. See ``mirai/trainer/`` for each part.
 """
 from __future__ import annotations
 
@@ -88,6 +92,7 @@ class Run:
 def build_run(cfg: Config) -> Run:
     """Process group, model, objective, teacher source (outside the engine), engine, EMA, loader, step runner."""
     from mirai.checkpoint import model_config_dict
+    from mirai.foresight.encoders import EncoderTeacher
     from mirai.foresight.objective import ForesightObjective
     from mirai.foresight.sources import EMATeacher, PrecomputedFeatures, build_source
     from mirai.models.gpt import build_gpt
@@ -101,7 +106,12 @@ def build_run(cfg: Config) -> Run:
     rt = setup(t_cfg.backend, t_cfg.device)
     seed_everything(t_cfg.seed)
     gpt = build_gpt(cfg.model.name, **cfg.model.gpt_overrides())
-    objective = ForesightObjective(cfg.foresight, gpt.config) if cfg.foresight.enabled else None
+    objective = None
+    if cfg.foresight.enabled:
+        # neighbours are taken on the 2D grid whatever the sequence order (GPT: raster; PAR: region-parallel):
+        # the model says which grid cell each sequence position holds as input and predicts
+        objective = ForesightObjective(cfg.foresight, gpt.config, input_cells=gpt.position_to_cell("input"),
+                                       output_cells=gpt.position_to_cell("target"))
     fcfg = objective.cfg if objective is not None else cfg.foresight
     source = build_source(fcfg, gpt) if objective is not None else None
     if isinstance(source, PrecomputedFeatures):
@@ -124,9 +134,11 @@ def build_run(cfg: Config) -> Run:
     accum = t_cfg.global_batch // (t_cfg.micro_batch * rt.world_size)
     shard = Shard(rt.rank, rt.world_size, t_cfg.micro_batch, accum)
     cuda = engine.device.type == "cuda"
+    online_encoder = source is not None and isinstance(source, EncoderTeacher)
     loader = TrainLoader(cfg.data.codes, shard, t_cfg.seed, features=cfg.data.features,
                          num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and cuda,
-                         prefetch_factor=cfg.data.prefetch_factor)
+                         prefetch_factor=cfg.data.prefetch_factor,
+                         images=cfg.data.images if online_encoder else None)   # crops only for the encoder
     total_steps = t_cfg.max_steps if t_cfg.max_steps is not None else t_cfg.epochs * loader.steps_per_epoch
     runner = StepRunner(engine, fcfg, source, ema_state, cfg.optim, base_lr, total_steps)
     expected = {"model_name": cfg.model.name, "model_config": model_config_dict(gpt),

@@ -128,9 +128,10 @@ class ForesightObjective(nn.Module):
     def register_zero3_external_params(self) -> None:
         """Under ZeRO-3: let DeepSpeed gather the head weights for this module's forward (the fused
         op reads them without calling ``heads.forward``)."""
-        from deepspeed.zero import register_external_parameter
+        import deepspeed  # deepspeed.zero is an attribute of the package, not an importable module path
+
         for p in self.parameters():
-            register_external_parameter(self, p)
+            deepspeed.zero.register_external_parameter(self, p)
 
     # ------------------------------------------------------------------ the loss
     def forward(self, hidden: torch.Tensor, teacher: torch.Tensor | None = None,

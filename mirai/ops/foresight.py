@@ -99,7 +99,15 @@ def _foresight_fused(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, 
         fn = C.foresight_fused_cpu
     s = teacher.shape[1] if teacher.dim() == 3 else -1
     check = _table_needs_check(table, s)
-    out = fn(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, need_grad, check)
+    if check and table.numel() > 0 and table.dtype == torch.int64:
+        # The range check runs here rather than in C++: a TORCH_CHECK thrown from the CUDA host path
+        # after the reduction crashed the process on the H100 test machine (torch 2.11) instead of
+        # raising. One reduction + host sync, cached per table object (see _table_needs_check).
+        lo, hi = (int(v) for v in torch.aminmax(table))
+        if lo < -1 or hi >= s:
+            raise RuntimeError(f"foresight_loss: table values must lie in [-1, S) = [-1, {s}) (S = teacher.size(1); "
+                               f"-1 means no target), got values in [{lo}, {hi}]")
+    out = fn(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, need_grad, False)
     if check:
         _mark_table_checked(table, s)
     return tuple(out)
@@ -137,6 +145,8 @@ def _backward(ctx, g_total, g_per_head, *unused):
         # modified, so a second backward through the same graph (retain_graph) raises autograd's
         # in-place-modification error instead of returning wrong gradients.
         _ext.ext().foresight_scale_(list(grads), g_total)
+        for t in grads:  # the kernel writes through raw pointers: tell autograd the saved tensors changed
+            torch.autograd.graph.increment_version(t)
     else:  # traced (torch.compile), create_graph, or no extension: out of place
         grads = tuple(g * g_total for g in grads)
     return tuple(grads) + (None,) * 5  # teacher, table, coeffs, chunk_tokens, need_grad

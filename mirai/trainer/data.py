@@ -19,8 +19,11 @@ micro-batch read from the memory maps with one fancy-indexing call (no per-sampl
 Worker processes open the store lazily (memory maps are never pickled). The DataLoader gets its
 own ``torch.Generator`` so creating one never consumes the global RNG (dropout stays reproducible).
 
-A batch is a dict: ``codes`` int64 [B, T], ``labels`` int64 [B], ``index`` int64 [B],
-``aug`` int64 [B], and ``features`` bf16 [B, Tf, C] when features are read.
+A batch is a dict: ``codes`` int64 [B, T] (raster order, as stored; the model reorders them, e.g.
+PAR's ``prepare_inputs``), ``labels`` int64 [B], ``index`` int64 [B], ``aug`` int64 [B], ``features``
+bf16 [B, Tf, C] when features are read, and ``images`` uint8 [B, 3, S, S] when an image folder is given
+(Mirai-I with an online encoder: each sample's crop re-created from its original file by
+``mirai.trainer.crops.StoreImages``, the only per-sample file reads, done in the worker processes).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mirai.data.format import CodeStore
+from mirai.trainer.crops import StoreImages
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,12 @@ def epoch_order(num_images: int, num_aug: int, seed: int, epoch: int) -> tuple[n
 class CodeBatches(Dataset):
     """Map-style dataset whose key is a whole micro-batch: (indices [B], augs [B]) -> dict of tensors."""
 
-    def __init__(self, root: str, features: bool):
+    def __init__(self, root: str, features: bool, images: str | None = None):
         self.root = str(root)
         self.with_features = features
+        self.images_root = None if images is None else str(images)
         self._store: CodeStore | None = None
+        self._images: StoreImages | None = None
 
     @property
     def store(self) -> CodeStore:
@@ -70,8 +76,15 @@ class CodeBatches(Dataset):
             self._store = CodeStore(self.root)
         return self._store
 
+    @property
+    def images(self) -> StoreImages | None:
+        if self._images is None and self.images_root is not None:
+            self._images = StoreImages(self.images_root, self.store)
+        return self._images
+
     def __getstate__(self):
-        return {"root": self.root, "with_features": self.with_features, "_store": None}
+        return {"root": self.root, "with_features": self.with_features, "images_root": self.images_root,
+                "_store": None, "_images": None}
 
     def __len__(self) -> int:
         return len(self.store)
@@ -93,6 +106,8 @@ class CodeBatches(Dataset):
         if self.with_features:
             feats = store.features[idx[order], aug[order]][inv]               # uint16 [B, Tf, C]
             out["features"] = torch.from_numpy(np.ascontiguousarray(feats)).view(torch.bfloat16)
+        if self.images is not None:
+            out["images"] = self.images.load(idx, aug)                         # uint8 [B, 3, S, S]
         return out
 
 
@@ -104,9 +119,11 @@ class TrainLoader:
     """
 
     def __init__(self, root: str, shard: Shard, seed: int, features: bool = False, num_workers: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int = 4):
-        self.dataset = CodeBatches(root, features)
+                 pin_memory: bool = False, prefetch_factor: int = 4, images: str | None = None):
+        self.dataset = CodeBatches(root, features, images)
         store = self.dataset.store
+        if self.dataset.images is not None:
+            self.dataset.images.check()          # a wrong folder fails now, not inside a worker
         self.num_images = len(store)
         self.num_aug = store.num_aug
         self.shard = shard
@@ -123,6 +140,7 @@ class TrainLoader:
             self.dataset._store = store
         else:                 # workers open their own maps; do not hold them here
             self.dataset._store = None
+            self.dataset._images = None
 
     # ------------------------------------------------------------------ positions
     def position(self, step: int) -> tuple[int, int]:

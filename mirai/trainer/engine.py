@@ -236,11 +236,15 @@ class DeepSpeedEngine(Engine):
         self.ds_optimizer = ds_opt
         self.device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
         if self.zero3 and module.objective is not None:
-            # the fused foresight op reads the stacked head weights without calling heads.forward, so
-            # ZeRO-3 must gather them for the objective's forward (deepspeed.zero is an attribute of
-            # the deepspeed package, not an importable module path)
-            for p in module.objective.parameters():
-                deepspeed.zero.register_external_parameter(module.objective, p)
+            # the fused foresight op reads the stacked head weights without calling heads.forward
+            module.objective.register_zero3_external_params()
+        if self.zero3:
+            # Parameters owned directly by the model's root module (PAR's transition tokens) are used in
+            # its forward, whose GPTOutput result ZeRO-3 cannot hook for the backward pass: the parameter
+            # would still be released when its gradient arrives. As external parameters of the TrainModule
+            # (tuple outputs, hooked) they are gathered again at the start of the backward pass.
+            for p in module.gpt.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(module, p)
 
     def forward(self, *args):
         return self.ds(*args)

@@ -74,10 +74,10 @@ class StepRunner:
         if isinstance(src, EMATeacher):
             idx, _ = self.engine.module.gpt.prepare_inputs(batch["codes"])
             return src.targets(idx, batch["labels"])
-        if "images" in batch:                                              # online encoder (benchmarks)
-            return src.targets(batch["images"])
+        if "images" in batch:          # online encoder: uint8 crops (data.images, or the step benchmark's)
+            return src.targets(batch["images"])                            # [B, T, C] bf16, raster cells
         raise ValueError(f"foresight source {type(src).__name__}: the batch has no input for it "
-                         f"(keys {sorted(batch)}); Mirai-I needs data.features or images")
+                         f"(keys {sorted(batch)}); Mirai-I needs data.features or data.images")
 
     def run(self, step: int, epoch: int, batches: Sequence[dict[str, torch.Tensor]]) -> None:
         """Optimizer step `step` (0-based) over its micro-batches."""
