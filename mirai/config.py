@@ -188,6 +188,11 @@ class TrainConfig:
     fused_ce: bool = True
     """NTP loss by the model's chunked fused linear + cross-entropy (no [B, T, V] fp32 logits); false:
     logits then F.cross_entropy (same value)."""
+    check_grad_overflow: bool = False
+    """DeepSpeed bf16: test every gradient for inf/NaN before the optimizer step and skip the step when one is
+    found. Off by default: bf16 needs no loss scaling, and the check costs several per-parameter reductions and
+    launches each step (most of a one-GPU GPT-B step's host time in the H100 profile). The clipped gradient norm is
+    computed either way and logged as grad_norm."""
     log_every: int = 50
     """Optimizer steps between log lines (the only steps that synchronise with the host)."""
     ckpt_every: int = 5000

@@ -351,7 +351,7 @@ def deepspeed_config(cfg, world_size: int, device: torch.device) -> dict[str, An
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": float(cfg.optim.grad_clip),
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": bool(t.check_grad_overflow)},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
