@@ -102,9 +102,11 @@ def validate(fused_fn, cfg, device) -> tuple[bool, str]:
                                       [ref32[0], ref32[1]] + ref32[2])):
         e_f = (a.double() - r.double()).abs().max().item()
         e_r = (b.double() - r.double()).abs().max().item()
-        # floor: relative to the tensor's size, plus an absolute 1e-6 for the losses (means of
-        # cosines of random vectors are close to 0, which makes a relative floor meaningless)
-        floor = (1e-6 if i < 2 else 0.0) + 1e-4 * r.double().abs().max().item()
+        # floor: relative to the tensor's size, plus an absolute 1e-5 per unit of sum|coeffs| for the losses
+        # (means of cosines of random vectors are close to 0, which makes a relative floor meaningless, and
+        # the bf16 reference's own error on such a mean can be accidentally tiny: 4e-8 on XXL K=3, H100)
+        loss_floor = 1e-5 * max(1.0, float(coeffs.abs().sum()))
+        floor = (loss_floor if i < 2 else 0.0) + 1e-4 * r.double().abs().max().item()
         good = e_f <= (2 if i < 2 else 3) * e_r + floor
         ok &= good
         ratio = (e_f - floor) / max(e_r, 1e-30)
