@@ -328,23 +328,29 @@ def build_model(model_name: str, model_config: dict[str, Any] | None, where: str
         raise CheckpointError(f"{where}: cannot build model {model_name!r} from its config ({err})") from err
 
 
-def load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
-    """strict load; mismatches become a CheckpointError listing the keys / shapes."""
-    sd = strip_prefixes(sd)
-    own = model.state_dict()
+def state_dict_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `sd` from loading strictly into a module whose state dict is `own`: missing and
+    unexpected keys and shape mismatches, with examples; None when it loads."""
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(sd) & set(own)) if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:2]})")
-        raise CheckpointError(f"{where}: does not match the model: " + "; ".join(parts))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:2]})")
+    return "; ".join(parts) or None
+
+
+def load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    """strict load; mismatches become a CheckpointError listing the keys / shapes."""
+    sd = strip_prefixes(sd)
+    problem = state_dict_mismatch(model.state_dict(), sd)
+    if problem:
+        raise CheckpointError(f"{where}: does not match the model: {problem}")
     model.load_state_dict(sd, strict=True)
 
 

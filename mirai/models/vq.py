@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mirai.checkpoint import state_dict_mismatch
+
 __all__ = [
     "VQConfig", "VQModel", "VQ_models", "build_vq", "load_vq", "VQCheckpointError",
     "Tokenizer", "PatchKMeansTokenizer", "load_tokenizer",
@@ -400,20 +402,9 @@ def _vq_from_checkpoint(obj, path: Path, name: str, device, overrides: dict) -> 
     overrides = {"codebook_size": emb.shape[0], "codebook_embed_dim": emb.shape[1], **overrides}
     overrides.setdefault("codebook_show_usage", "quantize.codebook_used" in sd)
     model = build_vq(name, **overrides)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
-        raise VQCheckpointError(f"{path}: does not match {name}: " + "; ".join(parts))
+    problem = state_dict_mismatch(model.state_dict(), sd)
+    if problem:
+        raise VQCheckpointError(f"{path}: does not match {name}: {problem}")
     model.load_state_dict(sd, strict=True)
     return model.to(device).eval().requires_grad_(False)
 
