@@ -14,8 +14,10 @@ Per point: ``--warmup`` untimed steps (torch.compile happens there), then ``--st
 (CUDA events, median per step), images/s, peak memory, backbone TFLOP/s and MFU against the GPU's
 measured dense bf16 peak (H100: 777e12; ``--peak`` or MIRAI_PEAK_FLOPS to override), plus the same
 for the whole Mirai step's FLOPs (``mirai.flops``). JSON lines go to ``benchmarks/results/step.jsonl``
-(GPU name, commit, settings, numbers). Each point runs in its own subprocess so engines and
-compile caches of one point never affect the next.
+(GPU name, commit, settings, numbers), one line as soon as each point is measured. Each point runs
+in its own subprocess so engines and compile caches of one point never affect the next.
+``--backend single`` times the plain single-process engine (``train.backend=auto`` on one GPU) instead of
+DeepSpeed; ``--compile-scope`` sets ``train.compile_scope``.
 
     python benchmarks/bench_step.py                                   # issue 10's grid on one GPU
     python benchmarks/bench_step.py --models GPT-B --modes mirai_e --micro 32 --profile
@@ -55,7 +57,7 @@ def point_config(model: str, mode: str, micro: int, store: Path, out: Path, args
     path = ROOT / "configs" / ("debug.yaml" if model == "GPT-debug" else f"{CONFIG_OF[model]}_{cfg_mode}.yaml")
     over = [f"data.codes={store}", f"out_dir={out}", f"train.micro_batch={micro}", f"train.global_batch={micro}",
             f"train.zero_stage={args.zero}", f"train.backend={args.backend}",
-            f"train.compile={str(args.compile).lower()}",
+            f"train.compile={str(args.compile).lower()}", f"train.compile_scope={args.compile_scope}",
             "train.progress=false", "train.tensorboard=false", "data.num_workers=0", "data.pin_memory=true",
             f"train.device={'cpu' if cpu else 'cuda'}", "train.max_steps=1000000", "train.resume=none"]
     if model == "GPT-debug":
@@ -91,6 +93,7 @@ def run_point(model: str, mode: str, micro: int, args) -> dict:
     from mirai.trainer.logging import flops_per_image, peak_flops
     from mirai.trainer.synthetic import write_synthetic_store
     from mirai.train import build_run
+    from mirai.trainer.engine import compile_scope
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_step_"))
     debug = model == "GPT-debug"
@@ -138,7 +141,9 @@ def run_point(model: str, mode: str, micro: int, args) -> dict:
     rec = {**env_record(device), "bench": "step", "model": model, "mode": mode, "micro_batch": micro,
            "backend": run.runtime.backend,
            "zero_stage": cfg.train.zero_stage if run.runtime.backend == "deepspeed" else None,
-           "precision": cfg.train.precision, "compile": cfg.train.compile, "k": run.fcfg.k if run.fcfg.enabled else 0,
+           "precision": cfg.train.precision, "compile": cfg.train.compile,
+           "compile_scope": compile_scope(cfg, run.runtime) if cfg.train.compile else None,
+           "k": run.fcfg.k if run.fcfg.enabled else 0,
            "layer": run.fcfg.layer if run.fcfg.enabled else None, "warmup": args.warmup, "steps": args.steps,
            "ms_per_step": timing.median_ms, "ms_min": timing.min_ms, "ms_max": timing.max_ms, "img_per_s": img_s,
            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
@@ -167,7 +172,28 @@ def profile(step_fn, device: torch.device, tag: str, steps: int = 5) -> Path:
         print(table.table(sort_by="self_cuda_time_total", row_limit=25), file=sys.stderr)
     # where the host spends its time (a step far above its GPU time is host-bound)
     print(table.table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+    if device.type == "cuda":
+        print_host_syncs(step_fn)
     return path
+
+
+def print_host_syncs(step_fn) -> None:
+    """One more step under CUDA sync-debug mode: where (file:line) the step makes the host wait."""
+    import collections
+    import warnings
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step_fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message).lower())
+    print(f"host syncs in one step: {sum(where.values())}", file=sys.stderr)
+    for loc, n in where.most_common(15):
+        print(f"  {n:4d}  {loc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,12 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero", type=int, default=2, help="ZeRO stage (one GPU: 2, as issue 10 asks)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the blocks (default on for CUDA, off for CPU)")
+    p.add_argument("--compile-scope", choices=("auto", "model", "blocks"), default="auto",
+                   help="train.compile_scope: one graph for the whole forward, or one per block")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 CUDA / 1 CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 CUDA / 3 CPU)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss reads, as train.log_every")
     p.add_argument("--peak", type=float, default=None, help="dense bf16 peak FLOP/s for MFU")
     p.add_argument("--profile", action="store_true", help="torch profiler trace + top kernels per point")
     p.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/step.jsonl")
+    p.add_argument("--point-timeout", type=float, default=None,
+                   help="seconds one point (build, compile, warm-up, timing) may take before it is skipped; "
+                        "a GPT-XXL point needs a few minutes")
     p.add_argument("--point", default=None, help=argparse.SUPPRESS)   # child: one JSON point
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
@@ -215,13 +246,20 @@ def main(argv: list[str] | None = None) -> int:
                 point = json.dumps({"model": model, "mode": mode, "micro": micro})
                 child = [sys.executable, __file__, "--point", point,
                          "--device", args.device, "--backend", args.backend, "--zero", str(args.zero),
-                         "--compile" if args.compile else "--no-compile", "--warmup", str(args.warmup),
+                         "--compile" if args.compile else "--no-compile",
+                         "--compile-scope", args.compile_scope, "--warmup", str(args.warmup),
                          "--steps", str(args.steps), "--log-every", str(args.log_every)]
                 if args.peak:
                     child += ["--peak", str(args.peak)]
                 if args.profile:
                     child += ["--profile"]
-                proc = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
+                try:
+                    proc = subprocess.run(child, capture_output=True, text=True, cwd=ROOT,
+                                          timeout=args.point_timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{model} {mode} micro {micro}: TIMED OUT after {args.point_timeout:.0f} s "
+                          "(--point-timeout)", file=sys.stderr, flush=True)
+                    continue
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_STEP_RESULT ")]
                 if proc.returncode != 0 or not lines:
                     print(f"{model} {mode} micro {micro}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}",
@@ -231,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(proc.stderr[-12000:], file=sys.stderr)
                 rec = json.loads(lines[-1][len("BENCH_STEP_RESULT "):])
                 records.append(rec)
+                if not args.no_save:        # at once: a job killed later keeps the points already measured
+                    append_jsonl("step", [rec])
                 print(f"{model} {mode} micro {micro}: {rec['ms_per_step']:.1f} ms, {rec['img_per_s']:.0f} img/s"
                       + (f", {rec['peak_mem_gb']:.1f} GB" if rec["peak_mem_gb"] is not None else "")
                       + (f", backbone MFU {100 * rec['backbone_mfu']:.1f}%" if rec["backbone_mfu"] else ""), flush=True)
@@ -239,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(records, ["model", "mode", "micro_batch", "ms_per_step", "img_per_s", "peak_mem_gb",
                           "backbone_tflops", "backbone_mfu", "tflops", "mfu"])
     if not args.no_save:
-        print(f"appended to {append_jsonl('step', records)}")
+        print(f"appended to {RESULTS_DIR / 'step.jsonl'}")
     return 0
 
 

@@ -98,7 +98,7 @@ def build_run(cfg: Config) -> Run:
     from mirai.models.gpt import build_gpt
     from mirai.trainer.data import Shard, TrainLoader
     from mirai.trainer.distributed import setup
-    from mirai.trainer.engine import TrainModule, build_engine
+    from mirai.trainer.engine import TrainModule, build_engine, compile_scope
     from mirai.trainer.shadow import EMAState
     from mirai.trainer.step import StepRunner
 
@@ -121,9 +121,12 @@ def build_run(cfg: Config) -> Run:
     engine = build_engine(TrainModule(gpt, objective, fused_ce=t_cfg.fused_ce), cfg, rt, base_lr)
     if isinstance(source, torch.nn.Module):
         source.to(engine.device)
-    if isinstance(source, EMATeacher) and t_cfg.compile:
-        for block in source.module.layers:                      # the teacher's blocks too (no grad, bf16)
-            block.compile()
+    if isinstance(source, EMATeacher) and t_cfg.compile:        # the teacher too (no grad, bf16)
+        if compile_scope(cfg, rt) == "model":
+            source.module.compile(dynamic=False)
+        else:
+            for block in source.module.layers:
+                block.compile()
     teacher = source.module if isinstance(source, EMATeacher) and fcfg.teacher == "online" else None
     ema_state = None
     if cfg.ema.enabled:

@@ -74,6 +74,7 @@ def test_resolved_config_round_trip(tmp_path):
     ("train.micro_batch=abc", "train.micro_batch", "expected int"),
     ("train.compile=maybe", "train.compile", "expected bool"),
     ("train.precision=fp16", "train.precision", "must be one of"),
+    ("train.compile_scope=layer", "train.compile_scope", "must be one of"),
     ("optim.betas=0.9", "optim.betas", "expected 2 values"),
     ("train=3", "train", "is a section"),
 ])
@@ -93,6 +94,8 @@ def test_parse_errors_name_the_field(override, field, words):
     (["foresight.mode=encoder", f"foresight.encoder.weights={REPO / 'configs'}"], 8,
      "foresight.use_precomputed_features"),                  # online encoder: no images in a code store
     (["ema.decay=1.0"], 8, "ema.decay"),
+    (["train.compile_scope=model", "train.activation_checkpointing=true"], 1, "train.compile_scope"),
+    (["train.compile_scope=model", "train.zero_stage=3"], 8, "train.compile_scope"),
 ])
 def test_semantic_errors_name_the_field(overrides, world, field):
     cfg = load_config(REPO / "configs" / "gpt-b_baseline.yaml", overrides)

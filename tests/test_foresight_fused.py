@@ -189,6 +189,26 @@ def test_every_neighbour_table_layout_and_source():
             assert_close_results(fused, ref, rtol=1e-5, atol=1e-6)
 
 
+def check_autocast_runs_heads_in_bf16(device):
+    """Under bf16 autocast, fp32 heads run as bf16 heads would (same numbers), and the fp32 parameters
+    get fp32 gradients equal to the bf16 run's."""
+    h, heads, teacher, table, coeffs = make_case(b=2, t=12, d=32, hidden=48, c=40, k=3, seed=4)
+    h, teacher, table, coeffs = (x.to(device) for x in (h, teacher, table, coeffs))
+    heads32 = copy_heads(heads, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = run("fused", h, heads32, teacher.bfloat16(), table, coeffs)
+    want = run("fused", h.bfloat16(), copy_heads(heads, torch.bfloat16, device), teacher.bfloat16(), table, coeffs)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for name in PARAMS:
+        assert got[2][name].dtype == torch.float32, name
+        torch.testing.assert_close(got[2][name], want[2][name].float(), rtol=0, atol=0, msg=name)
+    assert got[2]["w1"].abs().max() > 0
+
+
+def test_autocast_bf16_runs_fp32_heads_in_bf16():
+    check_autocast_runs_heads_in_bf16("cpu")
+
+
 def test_teacher_dtype_differs_from_heads():
     h, heads, teacher, table, coeffs = make_case(seed=6)
     ref = run("ref", h, heads, teacher.bfloat16(), table, coeffs)
@@ -393,6 +413,11 @@ def test_cuda_tables_teacher_dtype_and_errors():
 
 
 @pytest.mark.cuda
+@cuda
+def test_cuda_autocast_bf16_runs_fp32_heads_in_bf16():
+    check_autocast_runs_heads_in_bf16("cuda")
+
+
 @cuda
 def test_cuda_backward_scaling_in_place():
     h, heads, teacher, table, coeffs = make_case(b=2, t=16, d=32, hidden=64, c=32, k=3, seed=27)

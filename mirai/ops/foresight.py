@@ -13,7 +13,8 @@ Shapes and dtypes: h [B, T, D]; heads a ``mirai.foresight.ForesightHeads`` of ki
 (stacked parameters w1 [K, H, D], b1 [K, H], w2 [K, H, H], b2 [K, H], w3 [K, C, H], b3 [K, C]);
 teacher [B, S, C] (never receives a gradient); table [K, T] int64 with values in [-1, S)
 (-1: no target); coeffs [K] (tensor or sequence of floats; no gradient). h is cast to the
-parameters' dtype (as ``ForesightHeads.forward`` does). Fused kernels take float32 or bfloat16
+parameters' dtype (as ``ForesightHeads.forward`` does); under bf16 autocast, fp32 head parameters are
+first cast to bf16 (as autocast does for ``nn.Linear``). Fused kernels take float32 or bfloat16
 heads (float64 on the CPU) and a float32/bfloat16 teacher; the loss is fp32 (float64 for
 float64 heads). Gradients flow into h and the six head parameters through ``total``;
 ``per_head`` is returned detached (it is for logging: differentiate ``total``).
@@ -215,6 +216,12 @@ def foresight_loss(h: Tensor, heads, teacher: Tensor, table: Tensor, coeffs: Ten
         if t.device != h.device:
             raise ValueError(f"foresight_loss: all tensors must be on h's device ({h.device}), "
                              f"but {name} is on {t.device}")
+    dev = h.device.type
+    if (params[0].dtype == torch.float32 and torch.is_autocast_enabled(dev)
+            and torch.get_autocast_dtype(dev) == torch.bfloat16):
+        # under bf16 autocast, as nn.Linear would: the heads run in bf16 (the kernels' fast path) and the
+        # fp32 parameters receive their gradients through the cast
+        params = [p.to(torch.bfloat16) for p in params]
     x = h.to(params[0].dtype)
     coeffs_t = torch.as_tensor(coeffs, dtype=torch.float32, device=h.device)
     if table.dtype != torch.int64 and not table.is_floating_point():

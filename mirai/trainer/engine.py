@@ -338,7 +338,10 @@ def deepspeed_config(cfg, world_size: int, device: torch.device) -> dict[str, An
     accum = t.global_batch // (t.micro_batch * world_size)
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage >= 1:
-        zero.update({"overlap_comm": device.type == "cuda", "contiguous_gradients": True,
+        # overlap_comm runs reductions on a side stream but synchronises the whole device at the end of
+        # every backward (DeepSpeed's ipg epilogue), so the host stops queueing work; with one rank there is
+        # nothing to overlap (H100 profile: the GPU then idled while DeepSpeed's step ran on the host).
+        zero.update({"overlap_comm": device.type == "cuda" and world_size > 1, "contiguous_gradients": True,
                      "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8),
                      "reduce_scatter": True})
     if t.zero_stage == 3:
@@ -360,14 +363,26 @@ def deepspeed_config(cfg, world_size: int, device: torch.device) -> dict[str, An
     }
 
 
+def compile_scope(cfg, runtime: Runtime) -> str:
+    """``train.compile_scope`` resolved for this run: "model" or "blocks" (see the config field)."""
+    t = cfg.train
+    if t.compile_scope != "auto":
+        return t.compile_scope
+    zero3 = runtime.backend == "deepspeed" and t.zero_stage == 3
+    return "blocks" if t.activation_checkpointing or zero3 else "model"
+
+
 def build_engine(module: TrainModule, cfg, runtime: Runtime, base_lr: float) -> Engine:
     """Move the module to the device, apply compile / activation checkpointing, wrap it."""
     gpt = module.gpt
     if cfg.train.activation_checkpointing:
         gpt.enable_activation_checkpointing(True)
     if cfg.train.compile:
-        for block in gpt.layers:
-            block.compile()
+        if compile_scope(cfg, runtime) == "model":
+            module.compile(dynamic=False)        # in place: state-dict keys keep their names
+        else:
+            for block in gpt.layers:
+                block.compile()
     accum = cfg.train.global_batch // (cfg.train.micro_batch * runtime.world_size)
     module.to(runtime.device)
     if runtime.backend == "deepspeed":

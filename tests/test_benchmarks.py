@@ -1,0 +1,34 @@
+"""CPU smoke tests of the benchmark scripts (their GPU numbers are in the README, never asserted here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_bench_step_times_a_point_and_skips_one_past_its_timeout():
+    common = [str(BENCH / "bench_step.py"), "--device", "cpu", "--backend", "single", "--modes", "baseline",
+              "--warmup", "1", "--steps", "2", "--no-save"]
+    ok = _run(*common)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    line = next(ln for ln in ok.stdout.splitlines() if ln.startswith("GPT-debug baseline micro 4:"))
+    assert float(line.split(",")[1].split()[0]) > 0                     # images/s
+    slow = _run(*common, "--point-timeout", "0.01")
+    assert slow.returncode == 1 and "TIMED OUT after" in slow.stderr
+
+
+def test_bench_foresight_validates_then_times_on_cpu(tmp_path):
+    out = _run(str(BENCH / "bench_foresight.py"), "--device", "cpu", "--small", "--providers", "reference,fused",
+               "--modes", "full", "--warmup", "1", "--iters", "2", "--results-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    recs = [json.loads(ln) for ln in (tmp_path / "foresight.jsonl").read_text().splitlines()]
+    assert {r["provider"].split("@")[0] for r in recs} == {"reference", "fused"}   # fused@<chunk>
+    assert all(r["ms"] > 0 for r in recs)
