@@ -202,6 +202,12 @@ def foresight_loss(h: Tensor, heads, teacher: Tensor, table: Tensor, coeffs: Ten
         _ext.warn_fallback("foresight_loss", reason)
         return _reference(h, heads, teacher, table, coeffs)
     params = [getattr(heads, name) for name in _HEAD_PARAMS]
+    dev = h.device.type
+    if (params[0].dtype == torch.float32 and torch.is_autocast_enabled(dev)
+            and torch.get_autocast_dtype(dev) == torch.bfloat16):
+        # under bf16 autocast, as nn.Linear would: the heads run in bf16 (the kernels' fast path), in the
+        # same chunks as bf16 heads; the fp32 parameters receive their gradients through the cast
+        params = [p.to(torch.bfloat16) for p in params]
     if chunk_tokens is None:
         if h.dim() == 3 and params[0].dim() == 3 and params[4].dim() == 3:
             chunk = auto_chunk_tokens(h.shape[0] * h.shape[1], params[0].shape[0], params[0].shape[1],
@@ -216,12 +222,6 @@ def foresight_loss(h: Tensor, heads, teacher: Tensor, table: Tensor, coeffs: Ten
         if t.device != h.device:
             raise ValueError(f"foresight_loss: all tensors must be on h's device ({h.device}), "
                              f"but {name} is on {t.device}")
-    dev = h.device.type
-    if (params[0].dtype == torch.float32 and torch.is_autocast_enabled(dev)
-            and torch.get_autocast_dtype(dev) == torch.bfloat16):
-        # under bf16 autocast, as nn.Linear would: the heads run in bf16 (the kernels' fast path) and the
-        # fp32 parameters receive their gradients through the cast
-        params = [p.to(torch.bfloat16) for p in params]
     x = h.to(params[0].dtype)
     coeffs_t = torch.as_tensor(coeffs, dtype=torch.float32, device=h.device)
     if table.dtype != torch.int64 and not table.is_floating_point():
