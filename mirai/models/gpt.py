@@ -504,15 +504,21 @@ _ARCHS: dict[str, dict] = {
 }
 
 
-def gpt_config(name: str, **overrides) -> GPTConfig:
-    """The GPTConfig of a registered model with field overrides (no module is built)."""
-    if name not in _ARCHS:
-        raise KeyError(f"unknown GPT model {name!r}; known: {sorted(_ARCHS)}")
-    names = {f.name for f in fields(GPTConfig)}
+def registered_config(cls: type, archs: dict[str, dict], kind: str, name: str, overrides: dict):
+    """``cls`` (a config dataclass) of the model ``name`` in the registry ``archs`` with field overrides;
+    unknown names and fields raise errors that list the known ones (``kind``: "GPT", "PAR")."""
+    if name not in archs:
+        raise KeyError(f"unknown {kind} model {name!r}; known: {sorted(archs)}")
+    names = {f.name for f in fields(cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise TypeError(f"unknown GPTConfig field(s) {unknown} for model {name!r}; fields: {sorted(names)}")
-    return GPTConfig(**{**_ARCHS[name], **overrides})
+        raise TypeError(f"unknown {cls.__name__} field(s) {unknown} for model {name!r}; fields: {sorted(names)}")
+    return cls(**{**archs[name], **overrides})
+
+
+def gpt_config(name: str, **overrides) -> GPTConfig:
+    """The GPTConfig of a registered model with field overrides (no module is built)."""
+    return registered_config(GPTConfig, _ARCHS, "GPT", name, overrides)
 
 
 def _factory(name: str) -> Callable[..., Transformer]:

@@ -33,13 +33,13 @@ checkpoint loads with ``strict=False`` and only ``transition_tokens`` missing. `
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from mirai.models.gpt import _ARCHS, GPTConfig, Transformer
+from mirai.models.gpt import _ARCHS, GPTConfig, Transformer, registered_config
 
 
 @dataclass
@@ -231,13 +231,7 @@ _PAR_ARCHS: dict[str, dict] = {f"PAR-{name[4:]}": arch for name, arch in _ARCHS.
 
 def par_config(name: str, **overrides) -> PARConfig:
     """The PARConfig of a registered model (PAR-debug, PAR-B, PAR-L, PAR-XL, PAR-XXL, PAR-3B)."""
-    if name not in _PAR_ARCHS:
-        raise KeyError(f"unknown PAR model {name!r}; known: {sorted(_PAR_ARCHS)}")
-    names = {f.name for f in fields(PARConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise TypeError(f"unknown PARConfig field(s) {unknown} for model {name!r}; fields: {sorted(names)}")
-    return PARConfig(**{**_PAR_ARCHS[name], **overrides})
+    return registered_config(PARConfig, _PAR_ARCHS, "PAR", name, overrides)
 
 
 def _factory(name: str) -> Callable[..., PARTransformer]:
