@@ -222,6 +222,10 @@ class TrainConfig:
     progress: bool = True
     """Show the tqdm progress bar on rank 0."""
 
+    def needs_block_compile(self, deepspeed: bool) -> bool:
+        """True when only per-block compile works: activation checkpointing, or ZeRO-3 under DeepSpeed."""
+        return self.activation_checkpointing or (deepspeed and self.zero_stage == 3)
+
 
 @dataclass
 class EMAConfig:
@@ -571,8 +575,7 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> None:
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     _check(t.stop_at is None or t.stop_at >= 1, "train.stop_at", f"must be >= 1, got {t.stop_at}")
     _check(0 <= t.zero_stage <= 3, "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
-    zero3 = t.zero_stage == 3 and t.backend in ("auto", "deepspeed")
-    _check(not (t.compile_scope == "model" and (zero3 or t.activation_checkpointing)),
+    _check(not (t.compile_scope == "model" and t.needs_block_compile(deepspeed=t.backend in ("auto", "deepspeed"))),
            "train.compile_scope", "'model' cannot be combined with DeepSpeed ZeRO-3 (per-module parameter "
            "gathers) or activation checkpointing (per-block recompute); use 'blocks' or 'auto'")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")

@@ -192,10 +192,11 @@ def test_model_scope_compile_matches_eager(code_store, tmp_path):
 def test_compile_scope_resolution():
     from types import SimpleNamespace as NS
 
+    from mirai.config import TrainConfig
     from mirai.trainer.engine import compile_scope
 
     def scope(world=1, backend="single", stage=2, ckpt=False, asked="auto"):
-        cfg = NS(train=NS(compile_scope=asked, zero_stage=stage, activation_checkpointing=ckpt))
+        cfg = NS(train=TrainConfig(compile_scope=asked, zero_stage=stage, activation_checkpointing=ckpt))
         return compile_scope(cfg, NS(world_size=world, backend=backend))
 
     assert scope() == "model"                                       # one process: one graph

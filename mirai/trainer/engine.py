@@ -368,8 +368,7 @@ def compile_scope(cfg, runtime: Runtime) -> str:
     t = cfg.train
     if t.compile_scope != "auto":
         return t.compile_scope
-    zero3 = runtime.backend == "deepspeed" and t.zero_stage == 3
-    return "blocks" if t.activation_checkpointing or zero3 else "model"
+    return "blocks" if t.needs_block_compile(deepspeed=runtime.backend == "deepspeed") else "model"
 
 
 def build_engine(module: TrainModule, cfg, runtime: Runtime, base_lr: float) -> Engine:
