@@ -1,6 +1,7 @@
 """Single-process training on CPU: exact resume, Mirai-E warm-up, EMA formula, loader determinism."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -213,3 +214,50 @@ def test_auto_backend_is_single_process_on_one_rank():
     assert resolve_backend("auto", torch.device("cpu"), 1) == "single"
     with pytest.raises(RuntimeError, match="train.backend: 'single' with WORLD_SIZE=2"):
         resolve_backend("single", torch.device("cpu"), 2)
+
+
+def test_clip_inside_fused_adamw_matches_clip_grad_norm():
+    """The plain engine hands a fused AdamW 1 / clip_coef as its grad_scale instead of scaling the gradients
+    itself: each step must match clip_grad_norm_ followed by the same AdamW, from the same state."""
+    from mirai.models.gpt import build_gpt
+    from mirai.trainer.distributed import Runtime
+    from mirai.trainer.engine import PlainEngine, TrainModule, param_groups
+
+    runtime = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="single")
+    no_dropout = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0)
+    gpt = lambda: build_gpt("GPT-debug", vocab_size=64, num_classes=10, block_size=16, **no_dropout)  # noqa: E731
+    torch.manual_seed(0)
+    proto = TrainModule(gpt())
+
+    def engine(fused: bool) -> PlainEngine:
+        module = TrainModule(gpt())
+        module.load_state_dict(proto.state_dict())
+        opt = torch.optim.AdamW(param_groups(module, 0.05), lr=1e-2, fused=fused, foreach=not fused)
+        return PlainEngine(module, opt, runtime, accum=1, grad_clip=0.1, precision="fp32")
+
+    folded, separate = engine(True), engine(True)
+    assert folded.clip_in_optimizer and not engine(False).clip_in_optimizer   # foreach AdamW: clip_grad_norm_
+    separate.clip_in_optimizer = False                                       # the same fused AdamW, clipped first
+    codes = torch.randint(0, 64, (3, 16))
+    labels = torch.randint(0, 10, (3,))
+    for _ in range(3):
+        norms = []
+        for e in (folded, separate):
+            loss, _, _ = e.forward(codes, labels)
+            e.backward(loss)
+            e.step()
+            norms.append(e.grad_norm())
+        assert norms[0] > 2 * 0.1                      # the clip is active: the factor is below 1/2
+        assert norms[0] == pytest.approx(norms[1], rel=1e-6)
+        # Adam amplifies last-bit differences of tiny gradients over steps: compare this step's moments and
+        # weights (same state in, so they agree to rounding), then continue both from the folded state
+        state_a, state_b = folded.optimizer.state, separate.optimizer.state
+        for (name, p), q in zip(folded.module.named_parameters(), separate.module.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
+            for key in ("exp_avg", "exp_avg_sq"):
+                a, b = state_a[p][key], state_b[q][key]
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item(), msg=f"{name} {key}")
+        separate.module.load_state_dict(folded.module.state_dict())
+        separate.optimizer.load_state_dict(copy.deepcopy(folded.optimizer.state_dict()))  # no shared tensors
+    moved = max((p - p0).abs().max().item() for p, p0 in zip(folded.module.parameters(), proto.parameters()))
+    assert moved > 1e-3                               # the steps did move the weights

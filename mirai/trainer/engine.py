@@ -174,6 +174,11 @@ class PlainEngine(Engine):
         self._micro = 0
         self._norm: torch.Tensor | None = None
         self._params = [p for p in module.parameters() if p.requires_grad]
+        # torch's fused Adam/AdamW divide every gradient by ``optimizer.grad_scale`` (a device tensor) inside
+        # their one kernel (the hook GradScaler uses); handing them 1 / clip_coef there clips the gradients
+        # without the separate read-modify-write pass over all of them that clip_grad_norm_ makes
+        self.clip_in_optimizer = (type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+                                  and bool(optimizer.defaults.get("fused")))
 
     def _sync_context(self):
         boundary = (self._micro + 1) % self.accum == 0
@@ -196,8 +201,14 @@ class PlainEngine(Engine):
         self._micro += 1
         if self._micro % self.accum:
             return
-        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        self._norm = torch.nn.utils.clip_grad_norm_(self._params, clip, foreach=True)
+        if self.clip_in_optimizer:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            self._norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            if self.grad_clip > 0:     # clip_grad_norm_'s factor min(1, clip / (norm + 1e-6)), inverted
+                self.optimizer.grad_scale = (self._norm + 1e-6).div(self.grad_clip).clamp(min=1.0)
+        else:
+            clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+            self._norm = torch.nn.utils.clip_grad_norm_(self._params, clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
