@@ -127,6 +127,8 @@ def build_run(cfg: Config) -> Run:
         else:
             for block in source.module.layers:
                 block.compile()
+    if isinstance(source, EncoderTeacher) and t_cfg.compile:    # the frozen online encoder: one graph
+        source.compile(dynamic=False)                           # (preprocessing included; called as source(x))
     teacher = source.module if isinstance(source, EMATeacher) and fcfg.teacher == "online" else None
     ema_state = None
     if cfg.ema.enabled:

@@ -33,3 +33,12 @@ def test_bench_foresight_validates_then_times_on_cpu(tmp_path):
     recs = [json.loads(ln) for ln in (tmp_path / "foresight.jsonl").read_text().splitlines()]
     assert {r["provider"].split("@")[0] for r in recs} == {"reference", "fused"}   # fused@<chunk>
     assert all(r["ms"] > 0 for r in recs)
+
+
+def test_bench_rope_checks_every_formulation_on_cpu():
+    out = _run(str(BENCH / "bench_rope.py"), "--device", "cpu", "--small", "--iters", "2", "--layouts", "bhtd",
+               "--no-save")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("small ")]
+    assert {r[1] for r in rows} == {"flip", "unbind", "complex", "bits"}     # each validated, then timed
+    assert all(float(r[4]) > 0 for r in rows)

@@ -260,3 +260,19 @@ def test_online_block_causal_encoder_and_image_folder_errors(image_store, tmp_pa
     (tmp_path / "other").mkdir()
     msg = _error(validate, _online_cfg(image_store, tmp_path / "x", f"data.images={tmp_path / 'other'}"))
     assert msg.startswith("data.images:") and "files.txt" in msg
+
+
+def test_online_encoder_is_compiled_with_the_model_and_gives_the_same_targets(image_store, tmp_path):
+    from mirai.foresight.encoders import EncoderTeacher
+    from mirai.train import build_run
+    _, _, enc = image_store
+    cfg = _online_cfg(image_store, tmp_path / "run", "train.compile=true")
+    validate(cfg)
+    run = build_run(cfg)
+    assert run.source._compiled_call_impl is not None           # train.compile covers the frozen encoder
+    run.loader.start(0)
+    batch = next(iter(run.loader))
+    got = run.runner.teacher_targets(batch)                      # through the compiled graph
+    want = EncoderTeacher("test_vit", enc, grid_size=4).targets(batch["images"])   # eager
+    assert got.shape == want.shape == (2, 16, 64) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)

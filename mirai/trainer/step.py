@@ -75,7 +75,7 @@ class StepRunner:
             idx, _ = self.engine.module.gpt.prepare_inputs(batch["codes"])
             return src.targets(idx, batch["labels"])
         if "images" in batch:          # online encoder: uint8 crops (data.images, or the step benchmark's)
-            return src.targets(batch["images"])                            # [B, T, C] bf16, raster cells
+            return src(batch["images"])              # EncoderTeacher.forward: [B, T, C] bf16, raster cells
         raise ValueError(f"foresight source {type(src).__name__}: the batch has no input for it "
                          f"(keys {sorted(batch)}); Mirai-I needs data.features or data.images")
 
