@@ -6,7 +6,8 @@ formulations of ``mirai.models.rope.apply_rotary`` (same math, rotate interleave
 ``x [B, T, H, hd]`` by ``rows [T, hd/2, 2]`` (cos, sin), fp32 math, bf16 out), each compiled on its own:
 
   flip     ``x*cos + flip(x)*(-sin, sin)``: the model's formulation until 2026-11-22
-  unbind   ``stack(x0*c - x1*s, x1*c + x0*s)`` on the unbound pair
+  unbind   ``stack(x0*c - x1*s, x1*c + x0*s)`` on the unbound pair: ``apply_rotary``, the model's formulation since
+           2026-11-22
   complex  ``view_as_complex(x) * view_as_complex(rows)`` (LlamaGen's formulation)
   bits     each bf16 pair read as one int32 and split with shifts, so every load and store is a plain
            contiguous 32-bit access (no pair swap); backward is the rotation by -angle
@@ -50,14 +51,6 @@ def rope_flip(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(xp * rows[:, None, :, 0:1], xp.flip(-1), sin).reshape(B, T, H, D).type_as(x)
 
 
-def rope_unbind(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    B, T, H, D = x.shape
-    x0, x1 = x.float().reshape(B, T, H, D // 2, 2).unbind(-1)          # [B, T, H, D/2] each
-    c, s = rows[:, None, :, 0], rows[:, None, :, 1]                     # [T, 1, D/2]
-    out = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1)       # [B, T, H, D/2, 2]
-    return out.reshape(B, T, H, D).type_as(x)
-
-
 def rope_complex(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     B, T, H, D = x.shape
     xc = torch.view_as_complex(x.float().reshape(B, T, H, D // 2, 2))   # [B, T, H, D/2] complex64
@@ -67,8 +60,7 @@ def rope_complex(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def _rotate_packed(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """bf16 ``x [B, T, H, D]`` (last dim contiguous) rotated pairwise, via int32 words holding one pair each."""
-    B, T, H, D = x.shape
-    u = x.reshape(B, T, H, D).view(torch.int32)                         # [B, T, H, D/2], one pair per word
+    u = x.view(torch.int32)                                             # [B, T, H, D/2], one pair per word
     x0 = (u << 16).view(torch.float32)                                  # low half: element 2i
     x1 = (u & -65536).view(torch.float32)                               # high half: element 2i+1
     o0 = (x0 * c - x1 * s).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
@@ -96,7 +88,7 @@ def rope_bits(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return _PackedRope.apply(x, rows)
 
 
-FORMS = {"flip": rope_flip, "unbind": rope_unbind, "complex": rope_complex, "bits": rope_bits}
+FORMS = {"flip": rope_flip, "unbind": apply_rotary, "complex": rope_complex, "bits": rope_bits}
 
 
 def main() -> None:
