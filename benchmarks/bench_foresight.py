@@ -3,9 +3,10 @@ plain reference (``foresight_loss_reference``: K head MLPs + gathered targets), 
 under ``torch.compile``.
 
 Providers: ``reference`` (eager), ``compiled`` (torch.compile of the reference), ``fused``
-(the C++/CUDA op; ``fused@N`` = fused with chunk_tokens=N). Modes: ``forward`` (with autograd
-recording, as in training: for the fused op this is where all the work happens), ``backward``
-(the backward call alone, after an untimed forward), ``full`` (forward + backward).
+(the C++/CUDA op; ``fused@GxM`` = G heads at a time over chunks of M tokens, see ``--plans``).
+Modes: ``forward`` (with autograd recording, as in training: for the fused op this is where
+all the work happens), ``backward`` (the backward call alone, after an untimed forward),
+``full`` (forward + backward).
 
 Reported per (shape, provider, mode): median ms (CUDA events, after warm-up), achieved
 TFLOP/s of the head GEMMs (forward 2*N*K*(D*H + H*H + H*C) FLOPs, backward twice that) and
@@ -17,7 +18,7 @@ flash-attention style (its error at most 2x/3x that of the bf16 reference, plus 
 Results are appended as JSON lines to ``benchmarks/results/foresight.jsonl``.
 
     python benchmarks/bench_foresight.py                      # all issue-4 shapes, CUDA
-    python benchmarks/bench_foresight.py --chunks 2048,4096   # fused chunk-size sweep
+    python benchmarks/bench_foresight.py --plans auto,1x4096,3x8192,budget=90   # fused schedule sweep
     python benchmarks/bench_foresight.py --device cpu --small # smoke test on a CPU
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from common import append_jsonl, env_record, print_table, time_fn  # noqa: E402
 
 from mirai.foresight.heads import ForesightHeads  # noqa: E402
 from mirai.foresight.neighbours import neighbour_table  # noqa: E402
-from mirai.ops.foresight import auto_chunk_tokens, foresight_loss  # noqa: E402
+from mirai.ops.foresight import fused_plan, foresight_loss, plan_bytes  # noqa: E402
 from mirai.ops.reference import foresight_loss_reference  # noqa: E402
 
 # Issue 4's shapes: batch x 256 tokens (16 x 16 grid), heads hidden 2048, 2D layout.
@@ -169,19 +170,43 @@ def peak_extra_gb(fn, h, heads, teacher, table, coeffs, device) -> float | None:
     return peak / 1e9
 
 
-def profile_fused(cfg, device, chunk):
+def parse_plan(spec: str, cfg: dict, elem_bytes: int) -> tuple[str, int, int]:
+    """A --plans entry -> (label, group_heads, chunk_tokens): 'auto' (the op's default schedule),
+    'M' (all heads, chunks of M tokens), 'GxM', or 'budget=MiB' (fused_plan within that budget)."""
+    n, k = cfg["batch"] * cfg["grid"] ** 2, cfg["k"]
+    dims = (n, k, cfg["hidden"], cfg["d"], cfg["c"], elem_bytes)
+    try:
+        if spec == "auto":
+            g, m = fused_plan(*dims)
+            return f"fused@auto={g}x{m}", g, m
+        if spec.startswith("budget="):
+            g, m = fused_plan(*dims, budget_bytes=int(float(spec.split("=", 1)[1]) * 2**20))
+            return f"fused@{spec}={g}x{m}", g, m
+        g, m = (int(v) for v in spec.split("x")) if "x" in spec else (k, int(spec))
+    except ValueError:
+        raise SystemExit(f"bench_foresight: --plans entry {spec!r} is not auto, M, GxM or budget=MiB") from None
+    if g < 1 or m < 1:
+        raise SystemExit(f"bench_foresight: --plans entry {spec!r} needs G >= 1 and M >= 1")
+    g, m = min(g, k), min(m, n)
+    return f"fused@{g}x{m}", g, m
+
+
+def profile_fused(cfg, device, plan):
     h, heads, teacher, table, coeffs = make_inputs(cfg, device, torch.bfloat16)
+    _, group, chunk = plan
     for _ in range(3):
-        foresight_loss(h, heads, teacher, table, coeffs, backend="fused", chunk_tokens=chunk)[0].backward()
+        foresight_loss(h, heads, teacher, table, coeffs, backend="fused", chunk_tokens=chunk,
+                       group_heads=group)[0].backward()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(5):
             heads.zero_grad(set_to_none=True)
-            foresight_loss(h, heads, teacher, table, coeffs, backend="fused", chunk_tokens=chunk)[0].backward()
+            foresight_loss(h, heads, teacher, table, coeffs, backend="fused", chunk_tokens=chunk,
+                           group_heads=group)[0].backward()
         if device == "cuda":
             torch.cuda.synchronize()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    print(f"\nprofile of fused full step ({cfg['label']}, chunk {chunk}), 5 steps:")
+    print(f"\nprofile of fused full step ({cfg['label']}, {group} heads x {chunk} tokens), 5 steps:")
     print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=90))
 
 
@@ -193,10 +218,11 @@ def main(argv=None) -> None:
     ap.add_argument("--providers", default="", help="comma list of reference,compiled,fused "
                     "(default: all on CUDA, reference,fused on CPU)")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--chunks", default="auto", help="fused chunk sizes to time, 'auto' = the op's default "
-                    "(auto_chunk_tokens)")
+    ap.add_argument("--plans", default="auto,budget=90",
+                    help="fused schedules to time: 'auto' (the op's default, fused_plan), 'M' (all heads, chunks "
+                    "of M tokens), 'GxM' (G heads at a time), 'budget=MiB' (fused_plan within that budget)")
     ap.add_argument("--sweep-shapes", default="gptb-e-k3,gptxxl-e-k3",
-                    help="shapes on which every --chunks value is timed (others use the first)")
+                    help="shapes on which every --plans entry is timed (others use the first)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="print the top kernels of the fused step")
@@ -216,7 +242,7 @@ def main(argv=None) -> None:
     providers = args.providers.split(",") if args.providers else (
         ["reference", "compiled", "fused"] if device == "cuda" else ["reference", "fused"])
     modes = args.modes.split(",")
-    chunks = [None if c == "auto" else int(c) for c in args.chunks.split(",") if c] or [None]
+    plans = [p for p in args.plans.split(",") if p] or ["auto"]
     dtype = torch.bfloat16
 
     env = env_record(device)
@@ -233,17 +259,22 @@ def main(argv=None) -> None:
             elif p == "compiled":
                 variants.append(("compiled", None, torch.compile(foresight_loss_reference)))
             elif p == "fused":
-                use = chunks if (name in args.sweep_shapes.split(",") or args.small) else chunks[:1]
-                for c in use:
-                    def f(h, heads, teacher, table, coeffs, _c=c):
-                        return foresight_loss(h, heads, teacher, table, coeffs, backend="fused", chunk_tokens=_c)
-                    eff = c or auto_chunk_tokens(cfg["batch"] * cfg["grid"] ** 2, cfg["k"], cfg["hidden"], cfg["c"],
-                                                 torch.finfo(dtype).bits // 8)
-                    variants.append((f"fused@{'auto=' if c is None else ''}{eff}", eff, f))
+                use = plans if (name in args.sweep_shapes.split(",") or args.small) else plans[:1]
+                seen = set()
+                for spec in use:
+                    label, g, m = parse_plan(spec, cfg, torch.finfo(dtype).bits // 8)
+                    if (g, m) in seen:
+                        continue  # two specs naming one schedule: time it once
+                    seen.add((g, m))
+
+                    def f(h, heads, teacher, table, coeffs, _g=g, _m=m):
+                        return foresight_loss(h, heads, teacher, table, coeffs, backend="fused", chunk_tokens=_m,
+                                              group_heads=_g)
+                    variants.append((label, (g, m), f))
             else:
                 raise SystemExit(f"bench_foresight: unknown provider {p!r}")
         inputs = make_inputs(cfg, device, dtype)
-        for label, chunk, fn in variants:
+        for label, plan, fn in variants:
             valid = None
             if label.startswith("fused"):
                 valid, msg = validate(lambda x, m, t, tb, c, _fn=fn: _fn(x, m, t, tb, c), cfg, device)
@@ -262,7 +293,11 @@ def main(argv=None) -> None:
                 rows.append(row)
                 rec = dict(env, bench="foresight", shape_key=name, **{k: v for k, v in cfg.items() if k != "label"},
                            tokens=cfg["batch"] * cfg["grid"] ** 2, dtype=str(dtype).replace("torch.", ""),
-                           chunk_tokens=chunk, validated=valid, matmul_peak_tflops=peak,
+                           group_heads=plan[0] if plan else None, chunk_tokens=plan[1] if plan else None,
+                           plan_mb=(plan_bytes(cfg["batch"] * cfg["grid"] ** 2, cfg["k"], cfg["hidden"], cfg["d"],
+                                               cfg["c"], torch.finfo(dtype).bits // 8, *plan) / 2**20
+                                    if plan else None),
+                           validated=valid, matmul_peak_tflops=peak,
                            head_gemm_floor_ms=flops / (peak * 1e12) * 1e3 if peak == peak else None, **row)
                 if not args.no_save:
                     append_jsonl("foresight", [rec], Path(args.results_dir) if args.results_dir else None)
@@ -279,8 +314,8 @@ def main(argv=None) -> None:
     print_table(rows, ["shape", "provider", "mode", "ms", "tflops", "peak_frac", "peak_extra_gb", "vs_compiled"])
     if args.profile:
         first = next(iter(shapes.values()))
-        for c in chunks:
-            profile_fused(first, device, c)
+        for spec in plans:
+            profile_fused(first, device, parse_plan(spec, first, torch.finfo(dtype).bits // 8))
 
 
 if __name__ == "__main__":

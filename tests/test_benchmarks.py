@@ -28,10 +28,15 @@ def test_bench_step_times_a_point_and_skips_one_past_its_timeout():
 
 def test_bench_foresight_validates_then_times_on_cpu(tmp_path):
     out = _run(str(BENCH / "bench_foresight.py"), "--device", "cpu", "--small", "--providers", "reference,fused",
-               "--modes", "full", "--warmup", "1", "--iters", "2", "--results-dir", str(tmp_path))
+               "--modes", "full", "--warmup", "1", "--iters", "2", "--results-dir", str(tmp_path),
+               "--plans", "auto,1x16,2x40,budget=0.05")
     assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("validation OK") == 4                                  # every schedule checked first
     recs = [json.loads(ln) for ln in (tmp_path / "foresight.jsonl").read_text().splitlines()]
-    assert {r["provider"].split("@")[0] for r in recs} == {"reference", "fused"}   # fused@<chunk>
+    assert {r["provider"].split("@")[0] for r in recs} == {"reference", "fused"}   # fused@<G>x<M>
+    fused = [r for r in recs if r["provider"].startswith("fused")]
+    assert {(r["group_heads"], r["chunk_tokens"]) for r in fused} >= {(3, 72), (1, 16), (2, 40)}
+    assert all(r["plan_mb"] > 0 for r in fused)
     assert all(r["ms"] > 0 for r in recs)
 
 

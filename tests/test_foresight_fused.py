@@ -84,14 +84,14 @@ def assert_close_results(a, b, rtol, atol):
         torch.testing.assert_close(x.double(), y.double(), rtol=rtol, atol=atol + rtol * scale, msg=name)
 
 
-def check_flash_style(case, device, chunk_tokens=None):
+def check_flash_style(case, device, chunk_tokens=None, group_heads=None):
     """bf16 fused vs fp32 reference error <= 2x (fwd) / 3x (bwd) the bf16 reference's error + floor."""
     h, heads, teacher, table, coeffs = case
     h, teacher, table, coeffs = (x.to(device) for x in (h, teacher, table, coeffs))
     ref32 = run("ref", h, copy_heads(heads, device=device), teacher, table, coeffs)
     ref16 = run("ref", h.bfloat16(), copy_heads(heads, torch.bfloat16, device), teacher.bfloat16(), table, coeffs)
     fused = run("fused", h.bfloat16(), copy_heads(heads, torch.bfloat16, device), teacher.bfloat16(), table, coeffs,
-                chunk_tokens=chunk_tokens)
+                chunk_tokens=chunk_tokens, group_heads=group_heads)
 
     def err(x, ref):
         return (x.double() - ref.double()).abs().max().item()
@@ -119,6 +119,76 @@ def test_fp32_cpu_matches_reference(chunk_tokens):
     assert ref[2]["w2"].abs().max() > 0  # the comparison is not between zeros
 
 
+def test_head_group_schedules_match_reference():
+    """Heads in groups (the last one short), with and without token chunks, a masked head in a later group."""
+    case = make_case(b=3, t=11, d=10, hidden=14, c=21, k=9, s=13, seed=30)
+    case[3][6] = -1  # head 6 has no target: third group of (4, 4, 1) / fourth of (2, 2, 2, 2, 1)
+    ref = run("ref", *case)
+    for groups, chunk in ((1, None), (4, 8), (2, 5), (4, 33), (9, 7)):
+        fused = run("fused", *case, group_heads=groups, chunk_tokens=chunk)
+        assert_close_results(fused, ref, rtol=1e-5, atol=1e-6)
+        assert fused[1][6] == 0 and torch.all(fused[2]["w2"][6] == 0), (groups, chunk)
+    assert ref[2]["w1"][8].abs().max() > 0  # the short last group's grads are not left empty
+
+
+def test_bf16_head_groups_flash_style_cpu():
+    check_flash_style(make_case(b=2, t=24, d=32, hidden=48, c=40, k=3, seed=31), "cpu", chunk_tokens=20, group_heads=1)
+    check_flash_style(make_case(b=2, t=24, d=32, hidden=48, c=40, k=3, seed=32), "cpu", group_heads=2)
+
+
+def op_peak_bytes(case, **kw) -> int:
+    """Peak CPU memory allocated during the fused call (its outputs included), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    h, heads, teacher, table, coeffs = case
+    hh = h.clone().requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        foresight_loss(hh, heads, teacher, table, coeffs, backend="fused", **kw)
+    cur = peak = 0
+    mem = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for e in sorted(mem, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def test_schedule_memory_matches_plan_bytes_cpu():
+    """One head at a time: the op allocates its outputs plus what plan_bytes says (within small
+    bookkeeping), and a lean schedule allocates several times less than all heads at once."""
+    b, t, d, hidden, c, k = 4, 64, 32, 256, 48, 3
+    case = make_case(b=b, t=t, d=d, hidden=hidden, c=c, k=k, seed=33)
+    outputs = 4 * (sum(p.numel() for p in case[1].parameters()) + case[0].numel())  # fp32 grads of h and heads
+    for chunk in (b * t, 64):
+        extra = op_peak_bytes(case, group_heads=1, chunk_tokens=chunk) - outputs
+        want = fs.plan_bytes(b * t, k, hidden, d, c, 4, 1, chunk)
+        assert want <= extra <= 1.02 * want + 32 * 1024, (chunk, extra, want)
+    wide = op_peak_bytes(case, group_heads=k, chunk_tokens=b * t) - outputs
+    lean = op_peak_bytes(case, group_heads=1, chunk_tokens=64) - outputs
+    assert 4 * lean < wide
+
+
+def test_fused_plan_budget_and_fewest_iterations():
+    # issue 4's shapes (bf16): all heads at once within the default budget, as measured on the H100
+    assert fs.fused_plan(8192, 3, 2048, 768, 768, 2) == (3, 4096)      # GPT-B Mirai-E
+    assert fs.fused_plan(4096, 3, 2048, 1536, 1536, 2) == (3, 4096)    # GPT-XXL Mirai-E, one chunk
+    assert fs.fused_plan(8192, 1, 2048, 768, 768, 2) == (1, 8192)      # GPT-B Mirai-I
+    # within 90 MiB GPT-B K = 3 runs one head at a time in two chunks: 86 MB beside 57 MB of grads
+    g, m = fs.fused_plan(8192, 3, 2048, 768, 768, 2, 90 * 2**20)
+    assert (g, m) == (1, 4096) and fs.plan_bytes(8192, 3, 2048, 768, 768, 2, g, m) <= 90 * 2**20
+    assert fs.fused_plan(8192, 3, 2048, 768, 768, 2, 1) == (1, 64)     # nothing fits: the smallest schedule
+    assert fs.fused_plan(8192, 3, 2048, 768, 768, 2, 90 * 2**20, group_heads=3)[0] == 3
+    # brute force on small cases: no schedule within the budget takes fewer iterations
+    for n, k, budget in ((300, 5, 40_000), (1000, 3, 200_000), (77, 9, 10_000)):
+        dims = (n, k, 16, 8, 12, 2)
+        g, m = fs.fused_plan(*dims, budget)
+        iters = -(-k // g) * -(-n // m)
+        assert fs.plan_bytes(*dims, g, m) <= budget
+        for gg in range(1, k + 1):
+            for mm in range(1, n + 1):
+                if fs.plan_bytes(*dims, gg, mm) <= budget:
+                    assert -(-k // gg) * -(-n // mm) >= iters, (dims, budget, gg, mm)
+
+
 def test_gradcheck_float64_cpu_kernel():
     h, heads, teacher, table, coeffs = make_case(b=2, t=5, d=4, hidden=6, c=5, k=2, seed=1)
     table[1, 2] = -1
@@ -127,12 +197,14 @@ def test_gradcheck_float64_cpu_kernel():
     params = [getattr(heads, n) for n in PARAMS]
     h = h.double().requires_grad_(True)
 
-    def f(h_, *ps):
+    def f(h_, *ps, groups=None):
         view = types.SimpleNamespace(kind="mlp", **dict(zip(PARAMS, ps)))
-        return foresight_loss(h_, view, teacher, table, coeffs, backend="fused", chunk_tokens=3)[0]
+        return foresight_loss(h_, view, teacher, table, coeffs, backend="fused", chunk_tokens=3,
+                              group_heads=groups)[0]
 
     assert f(h, *params).dtype == torch.float64
     assert torch.autograd.gradcheck(f, (h, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda *a: f(*a, groups=1), (h, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_bf16_cpu_flash_style():
@@ -293,7 +365,7 @@ def test_bad_inputs_raise_clear_errors():
         call(teacher=teacher.to("meta"))
     raw_args = [h, *[getattr(heads, n).detach() for n in PARAMS], teacher.to("meta"), table, coeffs]
     with pytest.raises(RuntimeError, match=r"every tensor must be on the CPU, but teacher is on meta"):
-        _ext.ext().foresight_fused_cpu(*raw_args, 16, True, True)
+        _ext.ext().foresight_fused_cpu(*raw_args, 16, 0, True, True)
     with pytest.raises(RuntimeError, match=r"no fused kernel"):
         call(heads=copy_heads(heads, torch.float16), h=h.half())
     view = types.SimpleNamespace(kind="mlp", **{n: getattr(heads, n) for n in PARAMS})
@@ -331,7 +403,7 @@ def test_backend_selection_and_fallback(monkeypatch):
 
 def test_custom_op_registration_and_compile():
     h, heads, teacher, table, coeffs = make_case(b=2, t=6, d=8, hidden=8, c=6, k=2, seed=11)
-    args = (h.requires_grad_(True), *[getattr(heads, n) for n in PARAMS], teacher, table, coeffs, 5, True)
+    args = (h.requires_grad_(True), *[getattr(heads, n) for n in PARAMS], teacher, table, coeffs, 5, 1, True)
     torch.library.opcheck(fs._foresight_fused, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -388,6 +460,36 @@ def test_cuda_odd_shapes_masked_head(k):
 
 @pytest.mark.cuda
 @cuda
+def test_cuda_head_group_schedules_and_their_memory():
+    b, t, d, hidden, c, k = 4, 64, 64, 256, 96, 3
+    case = make_case(b=b, t=t, d=d, hidden=hidden, c=c, k=k, seed=34)
+    case[3][1] = -1
+    dev = [x.cuda() for x in (case[0], case[2], case[3], case[4])]
+    heads = copy_heads(case[1], device="cuda")
+    ref = run("ref", dev[0], heads, dev[1], dev[2], dev[3])
+    for groups, chunk in ((1, None), (2, 100), (1, 64)):
+        fused = run("fused", dev[0], heads, dev[1], dev[2], dev[3], group_heads=groups, chunk_tokens=chunk)
+        assert_close_results(fused, ref, rtol=2e-4, atol=2e-5)
+    check_flash_style(case, "cuda", chunk_tokens=96, group_heads=1)
+    # memory of the call (bf16): its outputs plus plan_bytes, nothing hidden in the GEMM calls
+    heads16 = copy_heads(case[1], torch.bfloat16, "cuda")
+    h16 = dev[0].bfloat16().requires_grad_(True)
+    outputs = 2 * (sum(p.numel() for p in heads16.parameters()) + h16.numel())
+    for groups, chunk in ((k, b * t), (k, 96), (1, b * t), (1, 96)):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = foresight_loss(h16, heads16, dev[1].bfloat16(), dev[2], dev[3], backend="fused",
+                             group_heads=groups, chunk_tokens=chunk)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base - outputs
+        want = fs.plan_bytes(b * t, k, hidden, d, c, 2, groups, chunk)
+        assert extra <= 1.05 * want + 256 * 1024, (groups, chunk, extra, want)
+        del out
+
+
+@pytest.mark.cuda
+@cuda
 def test_cuda_tables_teacher_dtype_and_errors():
     grid = 8
     for layout in LAYOUTS:
@@ -405,7 +507,7 @@ def test_cuda_tables_teacher_dtype_and_errors():
         foresight_loss(h.cuda(), heads, teacher, table.cuda(), coeffs, backend="fused")
     raw_args = [h.cuda(), *[getattr(heads, n).detach() for n in PARAMS], teacher, table.cuda(), coeffs.cuda()]
     with pytest.raises(RuntimeError, match="every tensor must be on the CUDA device of h"):
-        _ext.ext().foresight_fused_cuda(*raw_args, 16, True, True)
+        _ext.ext().foresight_fused_cuda(*raw_args, 16, 0, True, True)
     bad = table.cuda()
     bad[0, 0] = teacher.shape[1]
     with pytest.raises(RuntimeError, match=r"table values must lie in \[-1, S\)"):

@@ -4,8 +4,8 @@
 //
 // Op (raw, registered as mirai._C.foresight_fused_cpu / foresight_fused_cuda):
 //   foresight_fused_*(h[B,T,D], w1[K,H,D], b1[K,H], w2[K,H,H], b2[K,H], w3[K,C,H], b3[K,C],
-//                     teacher[B,S,C], table[K,T] int64, coeffs[K], chunk_tokens, need_grad,
-//                     check_table)
+//                     teacher[B,S,C], table[K,T] int64, coeffs[K], chunk_tokens, group_heads,
+//                     need_grad, check_table)
 //     -> [total, per_head[K], dh[B,T,D], dw1, db1, dw2, db2, dw3, db3]
 //   y_k = W3_k silu(W2_k silu(W1_k x + b1_k) + b2_k) + b3_k for every token x of h;
 //   per_head[k] = mean over (b, t) with table[k,t] >= 0 of -cos(y_k[b,t], teacher[b, table[k,t]])
@@ -19,12 +19,13 @@
 // call, chunk by chunk, and nothing of size K*tokens*H outlives a chunk:
 //   N_k = B * #{t : table[k,t] >= 0}; grad_w[k] = -coeffs[k] / max(N_k, 1)   (device ops, no sync)
 //   inv_tn[b,s] = 1 / max(|teacher[b,s]|, eps)                              (one kernel, once)
-//   for each chunk of M tokens x [M, D] (token-major buffers [M, K*H], head k's columns at k*H):
-//     P1 = x @ W1cat^T                     one GEMM of width K*H (W1cat = w1.view(K*H, D))
+//   for each group of G heads (G = group_heads; G = K: all heads at once)
+//    for each chunk of M tokens x [M, D] (token-major buffers [M, G*H], head k's columns at k*H):
+//     P1 = x @ W1cat^T                     one GEMM of width G*H (W1cat = the group's w1 as [G*H, D])
 //     Q  = silu(P1 + b1)                   fused bias + SiLU (S1)
 //     P2 = bmm(Q, W2^T)                    strided-batched over heads (A2)
 //     Q  = silu(P2 + b2)                   (S2; S1 is recomputed later instead of kept)
-//     Y  = bmm(Q, W3^T)                    [M, K*C], b3 is added inside the loss kernel
+//     Y  = bmm(Q, W3^T)                    [M, G*C], b3 is added inside the loss kernel
 //     loss kernel: per (token, head) row reads teacher[b, table[k,t]] through the table,
 //       writes -cos to row_loss and dY = grad_w[k] * d cos / d y in place of Y
 //     dW3 += bmm(dY^T, Q); db3 += colsum(dY)
@@ -32,12 +33,17 @@
 //     Q  = Q * silu'(P2 + b2)              (dZ2) + column partials -> db2
 //     P2 = bmm(Q, W2)                      (dS1)
 //     P2 = P2 * silu'(P1 + b1), P1 = silu(P1 + b1)   (dA1 and S1 in one pass) -> db1
-//     dW2 += bmm(Q^T, P1); dW1cat += P2^T @ x        (weight grads, fp32 accumulators)
-//     dh[chunk] = P2 @ W1cat               one GEMM summing over heads
+//     dW2 += bmm(Q^T, P1); dW1cat += P2^T @ x        (weight grads)
+//     dh[chunk] (+)= P2 @ W1cat            one GEMM summing over the group's heads; the
+//                                          first group writes, later groups add
 //   per_head = row_loss.sum(tokens) / max(N_k, 1); total = sum coeffs * per_head.
-// Workspace: 3 buffers [chunk, K*H] + one [chunk, K*C] in the input dtype, fp32 weight-grad
-// accumulators when there is more than one chunk (with one chunk the GEMMs write the grads
-// in the parameter dtype directly, accumulating in fp32 inside cuBLAS).
+// Memory (beyond the outputs): 3 buffers [chunk, G*H] + one [chunk, G*C] in the input dtype,
+// and, when the tokens take more than one chunk, fp32 weight-gradient accumulators for ONE
+// group (G heads), rounded into the parameter-dtype grads when the group is done. With one
+// chunk the GEMMs write the grads in the parameter dtype directly (fp32 accumulation inside
+// cuBLAS). Fewer heads per group trade GEMM width for memory: with G = 1 and two chunks,
+// GPT-B's K = 3 heads need a third of the accumulators and of the workspace of G = 3.
+// mirai/ops/foresight.py (fused_plan) picks G and the chunk within a byte budget.
 //
 // Dtypes: h and the six head parameters share one dtype, float32 or bfloat16 (float64 on
 // the CPU, for gradcheck); GEMMs run in that dtype with fp32 accumulation (ATen/cuBLAS);
@@ -194,8 +200,8 @@ void colsum_acc(const at::Tensor& acc, const at::Tensor& rows, bool first) {
   }
 }
 
-std::vector<at::Tensor> run(const Inputs& raw, int64_t chunk_tokens, bool need_grad, bool check_table,
-                            bool cuda, const Kernels& kern) {
+std::vector<at::Tensor> run(const Inputs& raw, int64_t chunk_tokens, int64_t group_heads, bool need_grad,
+                            bool check_table, bool cuda, const Kernels& kern) {
   check_inputs(raw, cuda, chunk_tokens, check_table);
   c10::DeviceGuard guard(raw.h.device());
   const auto h = raw.h.contiguous(), w1 = raw.w1.contiguous(), b1 = raw.b1.contiguous();
@@ -217,82 +223,124 @@ std::vector<at::Tensor> run(const Inputs& raw, int64_t chunk_tokens, bool need_g
 
   const auto inv_tn = at::empty({B, S}, acc_opts);
   if (inv_tn.numel() > 0) kern.teacher_inv_norm(teacher, inv_tn);
-  const auto row_loss = at::empty({N, K}, acc_opts);  // -cos per (token, head), every row written
+  const auto row_loss = at::empty({N, K}, acc_opts);  // -cos per (token, head), every entry written
 
+  // Schedule: heads in groups of G, each group over the tokens in chunks of `chunk`.
+  const int64_t G = group_heads < 1 ? K : std::min(group_heads, K);
+  const int64_t n_groups = (K + G - 1) / G;
   const int64_t chunk = std::max<int64_t>(1, std::min(chunk_tokens, N));
   const int64_t n_chunks = (N + chunk - 1) / chunk;
-  const bool direct = n_chunks == 1;  // one chunk: weight grads written in the param dtype directly
-  const auto grad_opts = direct ? opts : acc_opts;
+  // One chunk per group: the weight-gradient GEMMs write the parameter-dtype grads directly
+  // (fp32 accumulation inside the GEMM). Several: fp32 accumulators sized for one group.
+  const bool direct = n_chunks == 1;
 
-  at::Tensor dh, gw1, gw2, gw3, gb1, gb2, gb3;
+  at::Tensor dh, gw1, gw2, gw3, gb1, gb2, gb3;  // the op's outputs (weight grads in the param dtype)
+  at::Tensor acc1, acc2, acc3;                  // fp32 accumulators of one group (several chunks only)
   if (need_grad) {
     dh = at::empty({N, D}, opts);
-    gw1 = (n_chunks == 0 ? at::zeros({1, KH, D}, grad_opts) : at::empty({1, KH, D}, grad_opts));  // [1, K*H, D]
-    gw2 = (n_chunks == 0 ? at::zeros({K, H, H}, grad_opts) : at::empty({K, H, H}, grad_opts));
-    gw3 = (n_chunks == 0 ? at::zeros({K, C, H}, grad_opts) : at::empty({K, C, H}, grad_opts));
+    gw1 = n_chunks == 0 ? at::zeros({K, H, D}, opts) : at::empty({K, H, D}, opts);
+    gw2 = n_chunks == 0 ? at::zeros({K, H, H}, opts) : at::empty({K, H, H}, opts);
+    gw3 = n_chunks == 0 ? at::zeros({K, C, H}, opts) : at::empty({K, C, H}, opts);
     gb1 = at::zeros({KH}, acc_opts);
     gb2 = at::zeros({KH}, acc_opts);
     gb3 = at::zeros({KC}, acc_opts);
-  }
-
-  {  // chunk loop; the workspace lives only in this scope
-    const auto P1 = at::empty({chunk, KH}, opts);
-    const auto P2 = at::empty({chunk, KH}, opts);
-    const auto Q = at::empty({chunk, KH}, opts);
-    const auto Yb = at::empty({chunk, KC}, opts);
-    const int64_t max_tiles = (chunk + kColsumRows - 1) / kColsumRows;
-    const auto partial = need_grad ? at::empty({max_tiles, KH}, acc_opts) : at::Tensor();
-    const auto x_all = h.view({N, D});
-    const auto W1cat = w1.view({KH, D});  // [K*H, D]
-    const auto W1t = W1cat.t();           // [D, K*H]
-    const auto W2t = w2.transpose(1, 2);  // [K, H_in, H_out]
-    const auto W3t = w3.transpose(1, 2);  // [K, H, C]
-    const auto b1f = b1.view({KH}), b2f = b2.view({KH});
-
-    for (int64_t ci = 0; ci < n_chunks; ++ci) {
-      const int64_t m0 = ci * chunk, M = std::min(chunk, N - m0);
-      const bool first = ci == 0;
-      auto x = x_all.narrow(0, m0, M);  // [M, D]
-      auto p1 = P1.narrow(0, 0, M), p2 = P2.narrow(0, 0, M), q = Q.narrow(0, 0, M);  // [M, K*H]
-      auto yb = Yb.narrow(0, 0, M);                                                   // [M, K*C]
-      auto p2h = per_head(p2, K, H), qh = per_head(q, K, H), yh = per_head(yb, K, C);  // [K, M, *]
-
-      at::mm_out(p1, x, W1t);            // A1 = x W1^T          [M, K*H]
-      kern.bias_silu(p1, b1f, q);        // S1 = silu(A1 + b1)
-      bmm_into(p2h, qh, W2t);            // A2 = S1 W2^T         [K, M, H]
-      kern.bias_silu(p2, b2f, q);        // S2 = silu(A2 + b2)   (overwrites S1)
-      bmm_into(yh, qh, W3t);             // Y = S2 W3^T          [K, M, C]
-
-      LossChunk lc;
-      lc.y = yb;
-      lc.b3 = b3;
-      lc.teacher = teacher;
-      lc.inv_tn = inv_tn;
-      lc.table = table;
-      lc.grad_w = grad_w;
-      lc.row_loss = row_loss.narrow(0, m0, M);
-      lc.m0 = m0;
-      lc.T = T;
-      lc.need_grad = need_grad;
-      kern.loss(lc);                     // row_loss; yb <- dY when need_grad
-      if (!need_grad) continue;
-
-      const int64_t tiles = (M + kColsumRows - 1) / kColsumRows;
-      auto part = partial.narrow(0, 0, tiles);  // [tiles, K*H]
-      gemm_acc(gw3, yh.transpose(1, 2), qh, first);  // dW3 (+)= dY^T S2     [K, C, H]
-      colsum_acc(gb3, yb, first);                     // db3 (+)= sum_m dY    [K*C]
-      bmm_into(qh, yh, w3);                           // dS2 = dY W3          [K, M, H]
-      kern.silu_bwd(q, p2, b2f, part, false);         // dZ2 = dS2 silu'(A2 + b2)
-      colsum_acc(gb2, part, first);                   // db2
-      bmm_into(p2h, qh, w2);                          // dS1 = dZ2 W2         [K, M, H]
-      kern.silu_bwd(p2, p1, b1f, part, true);         // dA1 = dS1 silu'(A1 + b1); P1 <- S1
-      colsum_acc(gb1, part, first);                   // db1
-      gemm_acc(gw2, qh.transpose(1, 2), per_head(p1, K, H), first);       // dW2 (+)= dZ2^T S1  [K, H, H]
-      gemm_acc(gw1, p2.t().unsqueeze(0), x.unsqueeze(0), first);          // dW1 (+)= dA1^T x   [1, K*H, D]
-      auto dh_rows = dh.narrow(0, m0, M);
-      at::mm_out(dh_rows, p2, W1cat);                 // dh = dA1 W1cat (sums over heads)  [M, D]
+    if (!direct && n_chunks > 0) {
+      acc1 = at::empty({1, G * H, D}, acc_opts);  // [1, G*H, D]: layer 1 of the group as one GEMM
+      acc2 = at::empty({G, H, H}, acc_opts);
+      acc3 = at::empty({G, C, H}, acc_opts);
     }
   }
+
+  {  // the loops; the workspace lives only in this scope
+    // Flat buffers; each (group, chunk) views their first M * g * X elements as [M, g*X].
+    const auto P1 = at::empty({chunk * G * H}, opts);
+    const auto P2 = at::empty({chunk * G * H}, opts);
+    const auto Q = at::empty({chunk * G * H}, opts);
+    const auto Yb = at::empty({chunk * G * C}, opts);
+    const int64_t max_tiles = (chunk + kColsumRows - 1) / kColsumRows;
+    const auto partial = need_grad ? at::empty({max_tiles * G * H}, acc_opts) : at::Tensor();
+    const auto x_all = h.view({N, D});
+    auto rows = [](const at::Tensor& flat, int64_t M, int64_t cols) {
+      return flat.narrow(0, 0, M * cols).view({M, cols});
+    };
+
+    const int64_t groups_to_run = n_chunks > 0 ? n_groups : 0;  // no tokens: zero grads, nothing to run
+    for (int64_t gi = 0; gi < groups_to_run; ++gi) {
+      const int64_t k0 = gi * G, g = std::min(G, K - k0), gH = g * H, gC = g * C;
+      const auto W1g = w1.narrow(0, k0, g).view({gH, D});  // [g*H, D]
+      const auto W1t = W1g.t();                             // [D, g*H]
+      const auto w2g = w2.narrow(0, k0, g), w3g = w3.narrow(0, k0, g);
+      const auto W2t = w2g.transpose(1, 2);                 // [g, H_in, H_out]
+      const auto W3t = w3g.transpose(1, 2);                 // [g, H, C]
+      const auto b1g = b1.narrow(0, k0, g).view({gH}), b2g = b2.narrow(0, k0, g).view({gH});
+      // weight-gradient targets of this group: the output slices, or the accumulators
+      at::Tensor t1, t2, t3;
+      if (need_grad) {
+        t1 = direct ? gw1.narrow(0, k0, g).view({1, gH, D}) : acc1.narrow(1, 0, gH);
+        t2 = direct ? gw2.narrow(0, k0, g) : acc2.narrow(0, 0, g);
+        t3 = direct ? gw3.narrow(0, k0, g) : acc3.narrow(0, 0, g);
+      }
+      const auto gb1g = need_grad ? gb1.narrow(0, k0 * H, gH) : at::Tensor();
+      const auto gb2g = need_grad ? gb2.narrow(0, k0 * H, gH) : at::Tensor();
+      const auto gb3g = need_grad ? gb3.narrow(0, k0 * C, gC) : at::Tensor();
+
+      for (int64_t ci = 0; ci < n_chunks; ++ci) {
+        const int64_t m0 = ci * chunk, M = std::min(chunk, N - m0);
+        const bool first = ci == 0;
+        auto x = x_all.narrow(0, m0, M);                                      // [M, D]
+        auto p1 = rows(P1, M, gH), p2 = rows(P2, M, gH), q = rows(Q, M, gH);  // [M, g*H]
+        auto yb = rows(Yb, M, gC);                                            // [M, g*C]
+        auto p2h = per_head(p2, g, H), qh = per_head(q, g, H), yh = per_head(yb, g, C);  // [g, M, *]
+
+        at::mm_out(p1, x, W1t);            // A1 = x W1^T          [M, g*H]
+        kern.bias_silu(p1, b1g, q);        // S1 = silu(A1 + b1)
+        bmm_into(p2h, qh, W2t);            // A2 = S1 W2^T         [g, M, H]
+        kern.bias_silu(p2, b2g, q);        // S2 = silu(A2 + b2)   (overwrites S1)
+        bmm_into(yh, qh, W3t);             // Y = S2 W3^T          [g, M, C]
+
+        LossChunk lc;
+        lc.y = yb;
+        lc.b3 = b3.narrow(0, k0, g);
+        lc.teacher = teacher;
+        lc.inv_tn = inv_tn;
+        lc.table = table.narrow(0, k0, g);
+        lc.grad_w = grad_w.narrow(0, k0, g);
+        lc.row_loss = row_loss.narrow(0, m0, M).narrow(1, k0, g);  // [M, g], row stride K
+        lc.m0 = m0;
+        lc.T = T;
+        lc.need_grad = need_grad;
+        kern.loss(lc);                     // row_loss; yb <- dY when need_grad
+        if (!need_grad) continue;
+
+        const int64_t tiles = (M + kColsumRows - 1) / kColsumRows;
+        auto part = rows(partial, tiles, gH);          // [tiles, g*H]
+        gemm_acc(t3, yh.transpose(1, 2), qh, first);   // dW3 (+)= dY^T S2     [g, C, H]
+        colsum_acc(gb3g, yb, first);                   // db3 (+)= sum_m dY    [g*C]
+        bmm_into(qh, yh, w3g);                         // dS2 = dY W3          [g, M, H]
+        kern.silu_bwd(q, p2, b2g, part, false);        // dZ2 = dS2 silu'(A2 + b2)
+        colsum_acc(gb2g, part, first);                 // db2
+        bmm_into(p2h, qh, w2g);                        // dS1 = dZ2 W2         [g, M, H]
+        kern.silu_bwd(p2, p1, b1g, part, true);        // dA1 = dS1 silu'(A1 + b1); P1 <- S1
+        colsum_acc(gb1g, part, first);                 // db1
+        gemm_acc(t2, qh.transpose(1, 2), per_head(p1, g, H), first);  // dW2 (+)= dZ2^T S1  [g, H, H]
+        gemm_acc(t1, p2.t().unsqueeze(0), x.unsqueeze(0), first);     // dW1 (+)= dA1^T x   [1, g*H, D]
+        auto dh_rows = dh.narrow(0, m0, M);
+        if (gi == 0) {
+          at::mm_out(dh_rows, p2, W1g);    // dh = dA1 W1g (sums over the group's heads)  [M, D]
+        } else {
+          dh_rows.addmm_(p2, W1g);         // later groups add theirs
+        }
+      }
+      if (need_grad && !direct) {  // this group's grads, rounded once to the param dtype
+        gw1.narrow(0, k0, g).view({1, gH, D}).copy_(t1);
+        gw2.narrow(0, k0, g).copy_(t2);
+        gw3.narrow(0, k0, g).copy_(t3);
+      }
+    }
+  }
+  acc1.reset();
+  acc2.reset();
+  acc3.reset();
 
   const auto loss_sum = row_loss.sum(0);         // [K]
   const auto per_head_loss = loss_sum / denom;   // [K]; 0 for a head without valid positions
@@ -302,29 +350,24 @@ std::vector<at::Tensor> run(const Inputs& raw, int64_t chunk_tokens, bool need_g
     for (int i = 0; i < 7; ++i) out.push_back(at::empty({0}, opts));
     return out;
   }
-  // Release each fp32 accumulator as soon as its parameter-dtype copy exists.
-  auto out_w1 = gw1.to(dt).view({K, H, D});
-  gw1.reset();
-  auto out_w2 = gw2.to(dt);
-  gw2.reset();
-  auto out_w3 = gw3.to(dt);
-  gw3.reset();
+  if (n_chunks == 0) dh.zero_();
   return {total,
           per_head_loss,
           dh.view({B, T, D}),
-          out_w1,
+          gw1,
           gb1.to(dt).view({K, H}),
-          out_w2,
+          gw2,
           gb2.to(dt).view({K, H}),
-          out_w3,
+          gw3,
           gb3.to(dt).view({K, C})};
 }
 
 std::vector<at::Tensor> fused_cpu(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1,
                                   const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
                                   const at::Tensor& b3, const at::Tensor& teacher, const at::Tensor& table,
-                                  const at::Tensor& coeffs, int64_t chunk_tokens, bool need_grad, bool check_table) {
-  return run({h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs}, chunk_tokens, need_grad, check_table,
+                                  const at::Tensor& coeffs, int64_t chunk_tokens, int64_t group_heads, bool need_grad,
+                                  bool check_table) {
+  return run({h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs}, chunk_tokens, group_heads, need_grad, check_table,
              /*cuda=*/false, cpu_kernels());
 }
 
@@ -332,8 +375,9 @@ std::vector<at::Tensor> fused_cpu(const at::Tensor& h, const at::Tensor& w1, con
 std::vector<at::Tensor> fused_cuda(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1,
                                    const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
                                    const at::Tensor& b3, const at::Tensor& teacher, const at::Tensor& table,
-                                   const at::Tensor& coeffs, int64_t chunk_tokens, bool need_grad, bool check_table) {
-  return run({h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs}, chunk_tokens, need_grad, check_table,
+                                   const at::Tensor& coeffs, int64_t chunk_tokens, int64_t group_heads, bool need_grad,
+                                  bool check_table) {
+  return run({h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs}, chunk_tokens, group_heads, need_grad, check_table,
              /*cuda=*/true, cuda_kernels());
 }
 #endif
@@ -373,11 +417,12 @@ void register_foresight(pybind11::module_& m) {
   namespace py = pybind11;
   const char* doc =
       "Fused foresight loss, forward and backward in one call (see csrc/foresight/foresight.cpp).\n"
-      "(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, need_grad, check_table) ->\n"
-      "[total, per_head[K], dh, dw1, db1, dw2, db2, dw3, db3] (grads of total; empty when not need_grad).";
+      "(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, group_heads, need_grad, check_table)\n"
+      "-> [total, per_head[K], dh, dw1, db1, dw2, db2, dw3, db3] (grads of total; empty when not need_grad).";
   m.def("foresight_fused_cpu", &foresight::fused_cpu, doc, py::arg("h"), py::arg("w1"), py::arg("b1"),
         py::arg("w2"), py::arg("b2"), py::arg("w3"), py::arg("b3"), py::arg("teacher"), py::arg("table"),
-        py::arg("coeffs"), py::arg("chunk_tokens"), py::arg("need_grad"), py::arg("check_table"),
+        py::arg("coeffs"), py::arg("chunk_tokens"), py::arg("group_heads"), py::arg("need_grad"),
+        py::arg("check_table"),
         py::call_guard<py::gil_scoped_release>());
   m.def("foresight_scale_", &foresight::scale_grads,
         "foresight_scale_(grads: list[Tensor], scale: 0-dim Tensor): grads *= scale in place (no work on CUDA "
@@ -386,7 +431,8 @@ void register_foresight(pybind11::module_& m) {
 #ifdef MIRAI_WITH_CUDA
   m.def("foresight_fused_cuda", &foresight::fused_cuda, doc, py::arg("h"), py::arg("w1"), py::arg("b1"),
         py::arg("w2"), py::arg("b2"), py::arg("w3"), py::arg("b3"), py::arg("teacher"), py::arg("table"),
-        py::arg("coeffs"), py::arg("chunk_tokens"), py::arg("need_grad"), py::arg("check_table"),
+        py::arg("coeffs"), py::arg("chunk_tokens"), py::arg("group_heads"), py::arg("need_grad"),
+        py::arg("check_table"),
         py::call_guard<py::gil_scoped_release>());
 #endif
 }

@@ -87,6 +87,7 @@ void loss_impl(const LossChunk& p) {
   const int64_t* table = p.table.data_ptr<int64_t>();
   const acc_t* grad_w = p.grad_w.data_ptr<acc_t>();
   acc_t* row_loss = p.row_loss.data_ptr<acc_t>();
+  const int64_t ld = p.row_loss.stride(0);  // row stride of row_loss (>= K)
   at::parallel_for(0, M * K, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {  // row r = (m, k) of y [M, K, C]
       const int64_t m = r / K, k = r - m * K;
@@ -96,7 +97,7 @@ void loss_impl(const LossChunk& p) {
       scalar_t* yr = y + r * C;
       const scalar_t* br = b3 + k * C;
       if (s < 0) {  // no target: no loss, no gradient
-        row_loss[r] = 0;
+        row_loss[m * ld + k] = 0;
         if (p.need_grad) {
           for (int64_t c = 0; c < C; ++c) yr[c] = scalar_t(0);
         }
@@ -111,7 +112,7 @@ void loss_impl(const LossChunk& p) {
         yt += yv * tv;
       }
       const CosRow<acc_t> cr = fs_cos_row(yy, yt, inv_tn[b * S + s]);
-      row_loss[r] = -cr.cos;
+      row_loss[m * ld + k] = -cr.cos;
       if (p.need_grad) {
         const acc_t g = grad_w[k];
         for (int64_t c = 0; c < C; ++c) {

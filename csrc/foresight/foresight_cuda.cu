@@ -167,6 +167,7 @@ struct LossParams {
   const float* grad_w;
   float* row_loss;
   int64_t rows;  // M * K
+  int64_t ld;    // row stride of row_loss (>= K)
   int64_t K, C, S, T, m0;
   bool need_grad;
 };
@@ -184,7 +185,7 @@ __global__ void loss_kernel(T* __restrict__ y, const T* __restrict__ b3, const T
   T* yr = y + r * p.C;
   const int64_t c_begin = static_cast<int64_t>(lane) * VEC;
   if (s < 0) {  // no target: zero loss and zero gradient
-    if (lane == 0) p.row_loss[r] = 0.f;
+    if (lane == 0) p.row_loss[m * p.ld + k] = 0.f;
     if (p.need_grad) {
       Pack<T, VEC> z;
 #pragma unroll
@@ -210,7 +211,7 @@ __global__ void loss_kernel(T* __restrict__ y, const T* __restrict__ b3, const T
   yy = warp_sum(yy);
   yt = warp_sum(yt);
   const CosRow<float> cr = fs_cos_row(yy, yt, p.inv_tn[b * p.S + s]);
-  if (lane == 0) p.row_loss[r] = -cr.cos;
+  if (lane == 0) p.row_loss[m * p.ld + k] = -cr.cos;
   if (!p.need_grad) return;
   const float g = p.grad_w[k];
   for (int64_t c = c_begin; c < p.C; c += 32 * VEC) {
@@ -236,6 +237,7 @@ void loss_cuda(const LossChunk& a) {
   p.grad_w = a.grad_w.data_ptr<float>();
   p.row_loss = a.row_loss.data_ptr<float>();
   p.rows = M * K;
+  p.ld = a.row_loss.stride(0);
   p.K = K;
   p.C = a.b3.size(1);
   p.S = a.teacher.size(1);

@@ -12,7 +12,8 @@
 namespace mirai {
 namespace foresight {
 
-// One chunk's loss pass: cosine of each (token, head) row against its teacher row, the
+// One chunk's loss pass over the heads of one group (K below: the group's head count; y,
+// b3, table and grad_w hold only those heads): cosine of each (token, head) row against its teacher row, the
 // per-row loss -cos (0 for rows without a target) and, when need_grad, dY in place of y.
 struct LossChunk {
   at::Tensor y;         // [M, K*C] head outputs without b3 (input dtype); overwritten by dY when need_grad
@@ -21,7 +22,8 @@ struct LossChunk {
   at::Tensor inv_tn;    // [B, S] acc_t: 1 / max(|teacher row|, eps)
   at::Tensor table;     // [K, T] int64, values in [-1, S)
   at::Tensor grad_w;    // [K] acc_t: -coeff_k / N_k, the gradient of coeff_k * mean(-cos) per row
-  at::Tensor row_loss;  // [M, K] acc_t output: -cos per row, 0 without target
+  at::Tensor row_loss;  // [M, K] acc_t output: -cos per row, 0 without target; unit column stride,
+                        // any row stride >= K (a column slice of the [N, K_all] loss of all heads)
   int64_t m0 = 0;       // first flattened token (b*T + t) of the chunk
   int64_t T = 0;        // student positions per sequence
   bool need_grad = true;

@@ -1,7 +1,7 @@
 """Fused foresight loss: K projection-head MLPs + neighbour-table gather + cosine alignment.
 
-``foresight_loss(h, heads, teacher, table, coeffs, backend="auto", *, chunk_tokens=None)
--> (total, per_head)`` computes the same numbers as running ``heads(h)`` and then
+``foresight_loss(h, heads, teacher, table, coeffs, backend="auto", *, chunk_tokens=None,
+group_heads=None, memory_budget=None) -> (total, per_head)`` computes the same numbers as running ``heads(h)`` and then
 ``mirai.ops.reference.foresight_cosine_loss`` (see ``foresight_loss_reference``):
 
     y_k[b, t]   = W3_k silu(W2_k silu(W1_k h[b, t] + b1_k) + b2_k) + b3_k          (head k)
@@ -20,20 +20,22 @@ float64 heads). Gradients flow into h and the six head parameters through ``tota
 ``per_head`` is returned detached (it is for logging: differentiate ``total``).
 
 Algorithm (csrc/foresight/foresight.cpp has the details): the loss is a leaf, so the op does
-the backward through the heads inside its forward, ``chunk_tokens`` tokens at a time: layer 1
-as one GEMM of width K*H (and its input gradient as one GEMM summing over heads), layers 2-3
-as strided-batched GEMMs, bias + SiLU fused in one pass, a loss kernel that reads the teacher
-rows through the table (the gathered targets [K, B, T, C] never exist) and writes
-d loss / d y in the same pass, fp32 weight-gradient accumulators. The op keeps only dh and the
-parameter gradients; the autograd backward scales them by the incoming gradient. On CUDA it
-does so in place, and not at all when that gradient is 1 (the usual case), so there a graph
-through this op can be back-propagated once: ``retain_graph`` with a second backward raises
-autograd's in-place-modification error (on the CPU, and under torch.compile, the scaling is out
-of place and repeated backwards work). Peak extra memory is the workspace
-(3 * chunk_tokens * K * H + chunk_tokens * K * C elements, within ``DEFAULT_WORKSPACE_BYTES``
-by default), fp32 weight-gradient accumulators when there is more than one chunk, and the
-gradients themselves. The head parameters are read directly (``heads.forward`` is not
-called), so under ZeRO-3 they must be gathered by the caller.
+the backward through the heads inside its forward, ``group_heads`` heads and ``chunk_tokens``
+tokens at a time: layer 1 as one GEMM of width G*H (and its input gradient as one GEMM summing
+over the group's heads), layers 2-3 as strided-batched GEMMs, bias + SiLU fused in one pass, a
+loss kernel that reads the teacher rows through the table (the gathered targets [K, B, T, C]
+never exist) and writes d loss / d y in the same pass, fp32 weight-gradient accumulators for one
+group when the tokens take several chunks. The op keeps only dh and the parameter gradients;
+the autograd backward scales them by the incoming gradient. On CUDA it does so in place, and
+not at all when that gradient is 1 (the usual case), so there a graph through this op can be
+back-propagated once: ``retain_graph`` with a second backward raises autograd's
+in-place-modification error (on the CPU, and under torch.compile, the scaling is out of place
+and repeated backwards work). Peak extra memory is the gradients themselves plus
+``plan_bytes`` of the schedule: 3 * chunk * G * H + chunk * G * C workspace elements and, with
+several chunks, 4 * G * H * (D + H + C) bytes of accumulators. ``fused_plan`` picks the
+schedule with the fewest iterations within ``DEFAULT_MEMORY_BUDGET`` (or ``memory_budget``).
+The head parameters are read directly (``heads.forward`` is not called), so under ZeRO-3 they
+must be gathered by the caller.
 
 Backends: ``"fused"`` uses the CUDA kernels for CUDA tensors and the C++ CPU kernels for CPU
 tensors (``mirai._C``) and raises a clear error when they cannot run; ``"reference"`` runs
@@ -49,6 +51,7 @@ is not repeated every step.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Sequence
 
@@ -59,10 +62,11 @@ from mirai import _ext
 
 BACKENDS = ("auto", "fused", "reference")
 
-# Workspace budget of the fused op when chunk_tokens is not given: the tokens are split into
-# the fewest equal chunks whose buffers (3 * chunk * K * hidden + chunk * K * C elements) fit.
-# One chunk (when everything fits) also skips the fp32 weight-gradient accumulators.
-DEFAULT_WORKSPACE_BYTES = 192 * 2**20
+# Memory budget of the fused op when its schedule is not given: workspace buffers plus fp32
+# weight-gradient accumulators, beyond the outputs (the gradients). ``fused_plan`` picks the
+# schedule with the fewest (head group, token chunk) iterations within it; at 288 MiB that is all
+# heads at once for every shape of the benchmark but GPT-B K = 9 (3 groups of 3).
+DEFAULT_MEMORY_BUDGET = 288 * 2**20
 
 _HEAD_PARAMS = ("w1", "b1", "w2", "b2", "w3", "b3")
 
@@ -85,8 +89,8 @@ def _mark_table_checked(table: Tensor, s: int) -> None:
 
 @torch.library.custom_op("mirai::foresight_fused", mutates_args=())
 def _foresight_fused(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
-                     teacher: Tensor, table: Tensor, coeffs: Tensor, chunk_tokens: int, need_grad: bool
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     teacher: Tensor, table: Tensor, coeffs: Tensor, chunk_tokens: int, group_heads: int,
+                     need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Raw fused op: (total, per_head, dh, dw1, db1, dw2, db2, dw3, db3), the grads being those of
     total (empty tensors when not need_grad)."""
     C = _ext.ext()
@@ -108,14 +112,14 @@ def _foresight_fused(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, 
         if lo < -1 or hi >= s:
             raise RuntimeError(f"foresight_loss: table values must lie in [-1, S) = [-1, {s}) (S = teacher.size(1); "
                                f"-1 means no target), got values in [{lo}, {hi}]")
-    out = fn(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, need_grad, False)
+    out = fn(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, group_heads, need_grad, False)
     if check:
         _mark_table_checked(table, s)
     return tuple(out)
 
 
 @_foresight_fused.register_fake
-def _(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, need_grad):
+def _(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, group_heads, need_grad):
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     k = w1.shape[0]
     total = h.new_empty((), dtype=acc)
@@ -139,7 +143,7 @@ def _scale_in_place_ok(g_total: Tensor, grads: tuple[Tensor, ...]) -> bool:
 def _backward(ctx, g_total, g_per_head, *unused):
     # per_head is detached by foresight_loss; only total's gradient reaches the inputs.
     if g_total is None:
-        return (None,) * 12
+        return (None,) * 13
     grads = ctx.saved_tensors
     if _scale_in_place_ok(g_total, grads):
         # In place, and nothing is touched when g_total == 1. The saved grads are thereby
@@ -150,7 +154,7 @@ def _backward(ctx, g_total, g_per_head, *unused):
             torch.autograd.graph.increment_version(t)
     else:  # traced (torch.compile), create_graph, or no extension: out of place
         grads = tuple(g * g_total for g in grads)
-    return tuple(grads) + (None,) * 5  # teacher, table, coeffs, chunk_tokens, need_grad
+    return tuple(grads) + (None,) * 6  # teacher, table, coeffs, chunk_tokens, group_heads, need_grad
 
 
 _foresight_fused.register_autograd(_backward, setup_context=_setup_context)
@@ -174,25 +178,68 @@ def _fused_unavailable(h: Tensor, heads, teacher: Tensor) -> str | None:
     return None
 
 
-def auto_chunk_tokens(n_tokens: int, k: int, hidden: int, out_dim: int, elem_bytes: int,
-                      budget_bytes: int = DEFAULT_WORKSPACE_BYTES) -> int:
-    """Tokens per chunk: the fewest equal chunks (rounded up to 64 tokens) within the budget."""
-    per_token = (3 * k * hidden + k * out_dim) * elem_bytes
-    n_chunks = max(1, -(-n_tokens * per_token // budget_bytes))
-    chunk = -(-n_tokens // n_chunks)
-    return max(1, min(n_tokens, -(-chunk // 64) * 64))
+def plan_bytes(n_tokens: int, k: int, hidden: int, in_dim: int, out_dim: int, elem_bytes: int,
+               group_heads: int, chunk_tokens: int) -> int:
+    """Extra memory of a fused-op schedule beyond its outputs: the workspace (3 buffers of
+    [chunk, G*hidden] and one of [chunk, G*out_dim], `elem_bytes` each) plus, when the tokens
+    take more than one chunk, the fp32 weight-gradient accumulators of one group of G heads."""
+    g = max(1, min(group_heads, k))
+    chunk = max(1, min(chunk_tokens, n_tokens))
+    workspace = chunk * g * (3 * hidden + out_dim) * elem_bytes
+    accumulators = 0 if chunk >= n_tokens else 4 * g * hidden * (in_dim + hidden + out_dim)
+    return workspace + accumulators
+
+
+@functools.lru_cache(maxsize=256)
+def fused_plan(n_tokens: int, k: int, hidden: int, in_dim: int, out_dim: int, elem_bytes: int,
+               budget_bytes: int = DEFAULT_MEMORY_BUDGET, group_heads: int | None = None) -> tuple[int, int]:
+    """(group_heads, chunk_tokens) of the fused op: the fewest iterations ceil(K/G) * ceil(N/chunk)
+    whose ``plan_bytes`` fit the budget (ties: more heads per group, then fewer chunks); chunks are
+    equal splits of the tokens rounded up to 64. With `group_heads` given only that G is considered.
+    Nothing fits: the smallest schedule (one head, or the given G, and 64 tokens)."""
+    n = max(1, n_tokens)
+    best: tuple[int, int, int, int] | None = None  # (iterations, -G, n_chunks, chunk)
+    candidates = range(k, 0, -1) if group_heads is None else [max(1, min(int(group_heads), k))]
+    for g in candidates:
+        groups = -(-k // g)
+        n_chunks, prev = 0, None
+        while True:
+            n_chunks += 1
+            chunk = min(n, -(-(-(-n // n_chunks)) // 64) * 64)
+            if chunk == prev:
+                if chunk <= 64:
+                    break  # the smallest chunk did not fit either
+                continue
+            prev = chunk
+            real_chunks = -(-n // chunk)
+            key = (groups * real_chunks, -g, real_chunks, chunk)
+            if best is not None and key >= best:
+                break  # more chunks only cost more iterations from here
+            if plan_bytes(n, k, hidden, in_dim, out_dim, elem_bytes, g, chunk) <= budget_bytes:
+                best = key
+                break
+    if best is None:
+        return candidates[-1], min(n, 64)
+    return -best[1], best[3]
 
 
 def foresight_loss(h: Tensor, heads, teacher: Tensor, table: Tensor, coeffs: Tensor | Sequence[float],
-                   backend: str = "auto", *, chunk_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+                   backend: str = "auto", *, chunk_tokens: int | None = None, group_heads: int | None = None,
+                   memory_budget: int | None = None) -> tuple[Tensor, Tensor]:
     """(total, per_head[K]) of the foresight alignment loss; see the module docstring.
 
-    backend: "auto" | "fused" | "reference". chunk_tokens: tokens per chunk of the fused op
-    (default: ``auto_chunk_tokens`` within ``DEFAULT_WORKSPACE_BYTES``); it trades workspace
-    memory for GEMM efficiency and does not change the result beyond rounding.
+    backend: "auto" | "fused" | "reference". The fused op's schedule (it trades memory for GEMM
+    size and does not change the result beyond rounding): ``group_heads`` heads at a time over
+    ``chunk_tokens`` tokens at a time. Not given: ``fused_plan`` within ``memory_budget`` bytes
+    (default ``DEFAULT_MEMORY_BUDGET``; ``plan_bytes`` says what a schedule takes); only
+    ``chunk_tokens`` given: all heads at once; only ``group_heads`` given: the fewest chunks
+    within the budget.
     """
     if backend not in BACKENDS:
         raise ValueError(f"foresight_loss: backend must be one of {BACKENDS}, got {backend!r}")
+    for name, v in (("chunk_tokens", chunk_tokens), ("group_heads", group_heads), ("memory_budget", memory_budget)):
+        if v is not None and int(v) < 1:
+            raise ValueError(f"foresight_loss: {name} must be >= 1, got {v}")
     if backend == "reference":
         return _reference(h, heads, teacher, table, coeffs)
     reason = _fused_unavailable(h, heads, teacher)
@@ -208,16 +255,17 @@ def foresight_loss(h: Tensor, heads, teacher: Tensor, table: Tensor, coeffs: Ten
         # under bf16 autocast, as nn.Linear would: the heads run in bf16 (the kernels' fast path), in the
         # same chunks as bf16 heads; the fp32 parameters receive their gradients through the cast
         params = [p.to(torch.bfloat16) for p in params]
-    if chunk_tokens is None:
-        if h.dim() == 3 and params[0].dim() == 3 and params[4].dim() == 3:
-            chunk = auto_chunk_tokens(h.shape[0] * h.shape[1], params[0].shape[0], params[0].shape[1],
-                                      params[4].shape[1], params[0].element_size())
-        else:
-            chunk = 1  # malformed shapes: the op's checks raise a message naming the tensor
-    else:
+    k = params[0].shape[0] if params[0].dim() == 3 else 1
+    if chunk_tokens is not None:
         chunk = int(chunk_tokens)
-    if chunk < 1:
-        raise ValueError(f"foresight_loss: chunk_tokens must be >= 1, got {chunk}")
+        groups = int(group_heads) if group_heads is not None else k
+    elif h.dim() == 3 and params[0].dim() == 3 and params[4].dim() == 3:
+        groups, chunk = fused_plan(h.shape[0] * h.shape[1], k, params[0].shape[1], params[0].shape[2],
+                                   params[4].shape[1], params[0].element_size(),
+                                   int(memory_budget) if memory_budget is not None else DEFAULT_MEMORY_BUDGET,
+                                   int(group_heads) if group_heads is not None else None)
+    else:
+        groups, chunk = k, 1  # malformed shapes: the op's checks raise a message naming the tensor
     for name, t in [("teacher", teacher), ("table", table)] + list(zip(_HEAD_PARAMS, params)):
         if t.device != h.device:
             raise ValueError(f"foresight_loss: all tensors must be on h's device ({h.device}), "
@@ -227,7 +275,7 @@ def foresight_loss(h: Tensor, heads, teacher: Tensor, table: Tensor, coeffs: Ten
     if table.dtype != torch.int64 and not table.is_floating_point():
         table = table.long()
     need_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    out = _foresight_fused(x, *params, teacher.detach(), table, coeffs_t.detach(), chunk, need_grad)
+    out = _foresight_fused(x, *params, teacher.detach(), table, coeffs_t.detach(), chunk, groups, need_grad)
     total, per_head = out[0], out[1]
     return total, per_head.detach()
 
