@@ -47,3 +47,14 @@ def test_bench_rope_checks_every_formulation_on_cpu():
     rows = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("small ")]
     assert {r[1] for r in rows} == {"flip", "unbind", "complex", "bits"}     # each validated, then timed
     assert all(float(r[4]) > 0 for r in rows)
+
+
+def test_bench_optim_validates_then_times_on_cpu(tmp_path):
+    out = _run(str(BENCH / "bench_optim.py"), "--small", "--warmup", "1", "--iters", "2",
+               "--results-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "validation (GPT-debug): fused op matches torch_fused+ema" in out.stdout
+    recs = [json.loads(ln) for ln in (tmp_path / "optim.jsonl").read_text().splitlines()]
+    assert {r["provider"] for r in recs} == {"torch_fused+ema", "fused", "AdamWEMA"}
+    assert all(r["ms"] > 0 and r["gbps"] > 0 and r["model"] == "GPT-debug" for r in recs)
+    assert {r["provider"]: r["bytes_per_param"] for r in recs} == {"torch_fused+ema": 46, "fused": 38, "AdamWEMA": 38}
