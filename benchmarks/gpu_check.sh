@@ -23,16 +23,18 @@ fi
 python3 -c "import mirai._ext as e; print(e.describe())"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # -v and faulthandler so a crash names its test; one process per file so one crash does not hide the rest
-  for f in tests/test_ema.py tests/test_foresight_fused.py tests/test_gpt.py tests/test_linear_ce.py; do
+  for f in tests/test_ema.py tests/test_adamw_ema.py tests/test_foresight_fused.py tests/test_gpt.py tests/test_linear_ce.py; do
     timeout 200 python3 -X faulthandler -m pytest "$f" -m cuda -v -p no:cacheprovider >> "$out/cuda_tests.log" 2>&1
     echo "cuda tests $f: rc=$? $(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$out/cuda_tests.log" | tail -1)"
   done
   grep -E "PASSED|FAILED|ERROR|Fatal|Segmentation" "$out/cuda_tests.log" | tail -40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  timeout 240 python3 benchmarks/bench_foresight.py > "$out/bench_foresight.log" 2>&1; echo "bench_foresight rc=$?"
-  tail -30 "$out/bench_foresight.log"
-  cp benchmarks/results/foresight.jsonl "$out/" 2>/dev/null
+  timeout 300 python3 benchmarks/bench_foresight.py ${FORESIGHT_ARGS:-} > "$out/bench_foresight.log" 2>&1
+  echo "bench_foresight rc=$?"; tail -30 "$out/bench_foresight.log"
+  timeout 200 python3 benchmarks/bench_optim.py > "$out/bench_optim.log" 2>&1; echo "bench_optim rc=$?"
+  tail -12 "$out/bench_optim.log"
+  cp benchmarks/results/foresight.jsonl benchmarks/results/optim.jsonl "$out/" 2>/dev/null
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   timeout ${STEP_TIMEOUT:-420} python3 benchmarks/bench_step.py ${STEP_ARGS:-} > "$out/bench_step.log" 2>&1; echo "bench_step rc=$?"

@@ -161,6 +161,10 @@ class OptimConfig:
     """Final learning rate of the cosine schedule as a fraction of the peak."""
     fused: bool = True
     """Fused optimizer: apex FusedAdam when importable, else torch AdamW(fused=True) on CUDA / foreach on CPU."""
+    fuse_ema: bool = False
+    """Single-process / DDP engine: the AdamW step, the gradient clip and the model-EMA update (with the
+    Mirai-E teacher's bf16 copy) in one pass over memory (mirai.optim.AdamWEMA on mirai._C's kernel, CPU or
+    CUDA) instead of torch's AdamW then a separate EMA pass. Ignored under DeepSpeed."""
 
 
 @dataclass

@@ -150,6 +150,32 @@ class ModelEMA:
                 b.copy_(buffers[n])
         self.num_updates = t + 1
 
+    def fused_pairs(self, module_or_named_params: NamedTensors) -> list[tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor | None]]:
+        """(parameter, fp32 shadow, bf16 teacher tensor or None) per averaged parameter, for an
+        optimizer that applies the EMA in its own pass (``mirai.optim.AdamWEMA.attach_ema``).
+        The caller then reports each such update with ``mark_updated``."""
+        src = module_or_named_params
+        if not isinstance(src, (nn.Module, Mapping)):
+            src = list(src)                                                   # read twice below
+        _named_params(src, "ModelEMA.fused_pairs")                            # validates the form
+        items = src.named_parameters() if isinstance(src, nn.Module) else (src.items() if isinstance(src, Mapping)
+                                                                           else src)
+        params = dict(items)          # the parameter objects themselves: the optimizer knows them, not detached views
+        missing = [n for n in self._names if n not in params]
+        if missing or len(params) != len(self._names):
+            raise KeyError(f"ModelEMA.fused_pairs: the parameters do not match the EMA's shadows "
+                           f"(first missing: {missing[:1] or [next(n for n in params if n not in self.shadow)]})")
+        teacher = self._teacher or [None] * len(self._names)
+        return [(params[n], self.shadow[n], t) for n, t in zip(self._names, teacher)]
+
+    def mark_updated(self, step: int) -> None:
+        """Book an update applied elsewhere (by a fused optimizer, with ``decay_at(step)``)."""
+        if self.include_buffers:
+            raise TypeError("ModelEMA.mark_updated: buffers are copied by update(); a fused optimizer "
+                            "cannot keep them (include_buffers=True)")
+        self.num_updates = int(step) + 1
+
     def _annotate(self, msg: str) -> str:
         """Add the parameter name to an op error that names a list index (e.g. 'params[3]')."""
         m = re.search(r"\b(?:ema|params|teacher)\[(\d+)\]", msg)

@@ -109,6 +109,72 @@ def test_ema_follows_the_formula_and_drives_the_teacher(code_store, tmp_path):
         assert torch.equal(teacher[n], run.ema_state.shadow[n].to(torch.bfloat16)), n
 
 
+def test_fused_optimizer_ema_matches_separate_passes(code_store, tmp_path):
+    """optim.fuse_ema: AdamW + clip + EMA + teacher copy in one pass give the weights, moments, EMA and teacher
+    of torch's AdamW followed by the separate EMA pass (with the clip active)."""
+    from mirai.optim import AdamWEMA
+    from mirai.train import build_run
+    common = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0", "foresight.ema_decay=0.9",
+              "ema.decay=0.9", "optim.grad_clip=0.05"]
+    runs = {}
+    for fused in (False, True):
+        run = build_run(_cfg(code_store, tmp_path / f"fused_{fused}", *common, f"optim.fuse_ema={str(fused).lower()}"))
+        assert isinstance(run.engine.optimizer, AdamWEMA) == fused
+        assert run.ema_state.fused == fused
+        run.loader.start(0)
+        it = iter(run.loader)
+        for step in range(3):
+            run.runner.run(step, 0, [next(it) for _ in range(run.accum)])
+        assert run.engine.grad_norm() > 0.05          # the clip was active on the last step
+        runs[fused] = run
+    ref, got = runs[False], runs[True]
+    assert got.ema_state.ema.num_updates == ref.ema_state.ema.num_updates == 3
+    for (n, a), b in zip(ref.engine.module.named_parameters(), got.engine.module.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+    for n, a in ref.ema_state.shadow.items():
+        torch.testing.assert_close(got.ema_state.shadow[n], a, rtol=1e-5, atol=1e-6, msg=n)
+    sa, sb = ref.engine.optimizer.state_dict()["state"], got.engine.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for pid in sa:
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sb[pid][key], sa[pid][key], rtol=1e-4, atol=1e-9, msg=f"{pid}.{key}")
+    teacher = dict(got.source.module.named_parameters())
+    for n in got.source.teacher_names:
+        assert torch.equal(teacher[n], got.ema_state.shadow[n].to(torch.bfloat16)), n
+    got.ema_state.before_step(3)              # an EMA booked without the optimizer step that applies it
+    with pytest.raises(RuntimeError, match="did not apply the EMA of step 3"):
+        got.ema_state.update(3)
+
+
+def test_fused_optimizer_ema_resume_is_bit_identical(code_store, tmp_path):
+    extra = [*MIRAI_E, "optim.fuse_ema=true", "train.max_steps=4", "train.ckpt_every=2"]
+    whole = _train(code_store, tmp_path / "whole", *extra)
+    _train(code_store, tmp_path / "parts", *extra, "train.stop_at=2")
+    parts = _train(code_store, tmp_path / "parts", *extra)
+    assert [m["step"] for m in parts.metrics] == [3, 4]
+    a, b = _tensors(whole.checkpoint), _tensors(parts.checkpoint)
+    assert a.keys() == b.keys() and any(k.startswith("adam.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_switching_fuse_ema_keeps_each_optimizer_itself(code_store, tmp_path):
+    """A checkpoint of the fused optimizer resumes under torch's AdamW (and the run continues as the fused one
+    would, within rounding); the loaded state does not change how the new optimizer steps."""
+    base = [*MIRAI_E, "train.max_steps=3", "train.ckpt_every=2"]
+    _train(code_store, tmp_path / "switched", *base, "optim.fuse_ema=true", "train.stop_at=2")
+    switched = _train(code_store, tmp_path / "switched", *base, "optim.fuse_ema=false")
+    whole = _train(code_store, tmp_path / "whole", *base, "optim.fuse_ema=true")
+    assert [m["step"] for m in switched.metrics] == [3]
+    assert switched.metrics[0]["loss"] == whole.metrics[-1]["loss"]       # same weights after step 2
+    groups = load_file(switched.checkpoint / "engine" / "state.pt")["optimizer"]["param_groups"]
+    assert all(g["foreach"] is True for g in groups)                     # torch's CPU AdamW, as configured
+    a, b = _tensors(whole.checkpoint), _tensors(switched.checkpoint)
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_loader_shards_cover_the_global_batch_and_resume_mid_epoch(code_store):
     from mirai.trainer.data import Shard, TrainLoader
 

@@ -16,7 +16,8 @@ local flat partitions ``p.ds_tensor``).
 
 Optimizer: one client optimizer built here so DeepSpeed builds no op: apex ``FusedAdam`` (AdamW mode)
 when importable on CUDA, else ``torch.optim.AdamW`` with ``fused=True`` on CUDA / ``foreach=True`` on
-CPU. Two parameter groups: weight decay on parameters with >= 2 dimensions (matrices, embeddings,
+CPU; with ``optim.fuse_ema`` (plain engine) ``mirai.optim.AdamWEMA``, which also applies the model EMA
+(``EMAState`` attaches it) and the gradient clip in its one pass. Two parameter groups: weight decay on parameters with >= 2 dimensions (matrices, embeddings,
 stacked head weights), none on norms and biases. The learning rate is set by the trainer every step.
 
 DeepSpeed config (built from the dataclass, see ``deepspeed_config``): train_batch_size,
@@ -27,6 +28,7 @@ torch optimizer under ZeRO), steps_per_print effectively off.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,10 +82,14 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(module: nn.Module, optim_cfg, lr: float, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(module: nn.Module, optim_cfg, lr: float, device: torch.device,
+                    fuse_ema: bool = False) -> torch.optim.Optimizer:
     """The client AdamW (see the module docstring for which implementation)."""
     groups = param_groups(module, optim_cfg.weight_decay)
     kw = dict(lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    if fuse_ema:
+        from mirai.optim import AdamWEMA
+        return AdamWEMA(groups, **kw)
     if optim_cfg.fused and device.type == "cuda":
         try:
             from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
@@ -91,6 +97,21 @@ def build_optimizer(module: nn.Module, optim_cfg, lr: float, device: torch.devic
         except ImportError:
             return torch.optim.AdamW(groups, fused=True, **kw)
     return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict`` that keeps this optimizer's implementation options: torch's loader takes
+    ``fused`` / ``foreach`` / ``capturable`` from the saved groups, so a state saved by another implementation
+    (``optim.fuse_ema`` switched, apex or torch fused) would otherwise change how this one steps."""
+    own = {k: optimizer.defaults[k] for k in ("fused", "foreach", "capturable") if k in optimizer.defaults}
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(own)
+        if group.get("fused") or group.get("capturable"):   # torch's fused kernel reads `step` on the device
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
 
 def lr_at(step: int, optim_cfg, total_steps: int, base_lr: float) -> float:
@@ -177,8 +198,10 @@ class PlainEngine(Engine):
         # torch's fused Adam/AdamW divide every gradient by ``optimizer.grad_scale`` (a device tensor) inside
         # their one kernel (the hook GradScaler uses); handing them 1 / clip_coef there clips the gradients
         # without the separate read-modify-write pass over all of them that clip_grad_norm_ makes
-        self.clip_in_optimizer = (type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
-                                  and bool(optimizer.defaults.get("fused")))
+        from mirai.optim import AdamWEMA       # it reads the same attribute, and does not write the grads back
+        self.clip_in_optimizer = ((type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+                                   and bool(optimizer.defaults.get("fused")))
+                                  or isinstance(optimizer, AdamWEMA))
 
     def _sync_context(self):
         boundary = (self._micro + 1) % self.accum == 0
@@ -225,7 +248,7 @@ class PlainEngine(Engine):
         path = folder / "engine" / "state.pt"
         state = load_file(path)
         load_state(self.module, state["module"], str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
 
     def full_state_dicts(self):
         if not self.runtime.is_main:
@@ -396,7 +419,10 @@ def build_engine(module: TrainModule, cfg, runtime: Runtime, base_lr: float) -> 
     accum = cfg.train.global_batch // (cfg.train.micro_batch * runtime.world_size)
     module.to(runtime.device)
     if runtime.backend == "deepspeed":
+        if cfg.optim.fuse_ema:
+            warnings.warn("optim.fuse_ema is ignored under DeepSpeed (its engine owns the optimizer step); the EMA "
+                          "runs as its own pass", RuntimeWarning, stacklevel=2)
         optimizer = build_optimizer(module, cfg.optim, base_lr, runtime.device)
         return DeepSpeedEngine(module, optimizer, runtime, deepspeed_config(cfg, runtime.world_size, runtime.device))
-    optimizer = build_optimizer(module, cfg.optim, base_lr, runtime.device)
+    optimizer = build_optimizer(module, cfg.optim, base_lr, runtime.device, fuse_ema=cfg.optim.fuse_ema)
     return PlainEngine(module, optimizer, runtime, accum, cfg.optim.grad_clip, cfg.train.precision)

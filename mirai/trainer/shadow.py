@@ -1,6 +1,7 @@
 """The model EMA and the Mirai-E online teacher, kept outside the engine, for every ZeRO stage.
 
-``EMAState`` wraps ``mirai.ema.ModelEMA`` (fp32 shadows, one fused ``ema_update_`` per step):
+``EMAState`` wraps ``mirai.ema.ModelEMA`` (fp32 shadows, one fused ``ema_update_`` per step, or, with
+``optim.fuse_ema``, inside the optimizer's own pass: ``mirai.optim.AdamWEMA``, plain engine only):
 
 * ZeRO 0/1/2 (and the plain / DDP path): every rank holds full parameters, the EMA averages them
   (bf16 under DeepSpeed bf16, fp32 otherwise) into full fp32 shadows. The online teacher
@@ -41,14 +42,29 @@ class EMAState:
         self._meta = engine.zero3_meta() if self.zero3 else None
         if teacher is not None and not self.zero3:
             self.ema.attach_teacher(teacher)
+        # an optimizer that applies the EMA in its own pass (optim.fuse_ema: mirai.optim.AdamWEMA)
+        self.fused = hasattr(engine.optimizer, "attach_ema") and not self.zero3
+        if self.fused:
+            engine.optimizer.attach_ema(self.ema.fused_pairs(engine.ema_params()))
 
     @property
     def shadow(self) -> dict[str, torch.Tensor]:
         return self.ema.shadow
 
+    def before_step(self, step: int) -> None:
+        """Before optimizer step `step`: a fused optimizer is handed this step's decay."""
+        if self.fused:
+            self.engine.optimizer.ema_decay = self.ema.decay_at(step)
+
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After optimizer step `step` (0-based: the number of EMA updates done before this one)."""
+        if self.fused:
+            if self.engine.optimizer.ema_decay is not None:
+                raise RuntimeError(f"EMAState.update: the fused optimizer did not apply the EMA of step {step} "
+                                   "(no optimizer step ran since before_step)")
+            self.ema.mark_updated(step)
+            return
         self.ema.update(self.engine.ema_params(), step=step)
         if self.teacher is not None and self.zero3:
             self._refresh_teacher_zero3()

@@ -9,7 +9,8 @@
    outside the engine under no_grad (EMA teacher forward in bf16 on the EMA weights, precomputed
    encoder features, or an online encoder on ``batch["images"]``), skipped while the coefficients
    are zero; the engine forward / backward / step; losses accumulated in a device-side meter;
-4. the EMA update (which also refreshes the online teacher).
+4. the EMA update (which also refreshes the online teacher); with ``optim.fuse_ema`` the optimizer
+   applies it in its own pass and the EMA state only books it.
 
 No ``.item()`` / host sync happens here; the caller reads the meter on log steps only.
 """
@@ -90,6 +91,8 @@ class StepRunner:
         # while all coefficients are 0 (warm-up) the host list lets the objective skip its work;
         # afterwards a cached device tensor avoids a host-to-device copy per micro-batch
         obj_coeffs = (self.coefficients_on_device(coeffs) if active else coeffs) if coeffs else None
+        if self.ema_state is not None:
+            self.ema_state.before_step(step)       # a fused optimizer+EMA needs this step's decay
         for batch in batches:
             batch = to_device({k: v for k, v in batch.items() if k in _DEVICE_KEYS}, engine.device)
             teacher = self.teacher_targets(batch) if active else None
