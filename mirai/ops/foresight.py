@@ -51,7 +51,6 @@ is not repeated every step.
 """
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Sequence
 
@@ -190,7 +189,6 @@ def plan_bytes(n_tokens: int, k: int, hidden: int, in_dim: int, out_dim: int, el
     return workspace + accumulators
 
 
-@functools.lru_cache(maxsize=256)
 def fused_plan(n_tokens: int, k: int, hidden: int, in_dim: int, out_dim: int, elem_bytes: int,
                budget_bytes: int = DEFAULT_MEMORY_BUDGET, group_heads: int | None = None) -> tuple[int, int]:
     """(group_heads, chunk_tokens) of the fused op: the fewest iterations ceil(K/G) * ceil(N/chunk)
@@ -221,6 +219,18 @@ def fused_plan(n_tokens: int, k: int, hidden: int, in_dim: int, out_dim: int, el
     if best is None:
         return candidates[-1], min(n, 64)
     return -best[1], best[3]
+
+
+_PLANS: dict[tuple, tuple[int, int]] = {}
+
+
+@torch.compiler.assume_constant_result  # under torch.compile (static shapes) evaluated once, not traced
+def _cached_plan(*key) -> tuple[int, int]:
+    """``fused_plan(*key)``, remembered: the op asks for the same shapes every step."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = fused_plan(*key)
+    return plan
 
 
 def foresight_loss(h: Tensor, heads, teacher: Tensor, table: Tensor, coeffs: Tensor | Sequence[float],
@@ -260,7 +270,7 @@ def foresight_loss(h: Tensor, heads, teacher: Tensor, table: Tensor, coeffs: Ten
         chunk = int(chunk_tokens)
         groups = int(group_heads) if group_heads is not None else k
     elif h.dim() == 3 and params[0].dim() == 3 and params[4].dim() == 3:
-        groups, chunk = fused_plan(h.shape[0] * h.shape[1], k, params[0].shape[1], params[0].shape[2],
+        groups, chunk = _cached_plan(h.shape[0] * h.shape[1], k, params[0].shape[1], params[0].shape[2],
                                    params[4].shape[1], params[0].element_size(),
                                    int(memory_budget) if memory_budget is not None else DEFAULT_MEMORY_BUDGET,
                                    int(group_heads) if group_heads is not None else None)
