@@ -1,4 +1,5 @@
-"""Two ranks under torchrun + gloo (DS_ACCELERATOR=cpu): ZeRO-0/1/2/3 match a single process; DeepSpeed resume.
+"""Two ranks under torchrun + gloo (DS_ACCELERATOR=cpu): ZeRO-0/1/2/3 and torch DDP (also with the fused
+AdamW + EMA optimizer) match a single process; DeepSpeed resume.
 
 One launch runs every distributed job (the process group and the deepspeed import are shared):
 this file is also the worker script (``python -m torch.distributed.run ... tests/test_distributed.py
@@ -47,6 +48,10 @@ def _jobs(store: Path, root: Path) -> list[list[str]]:
         for mode, extra in MODES.items():
             jobs.append(_overrides(store, root / f"z{stage}_{mode}", ["train.backend=deepspeed",
                                                                       f"train.zero_stage={stage}", *COMPARE, *extra]))
+    for mode, extra in MODES.items():
+        jobs.append(_overrides(store, root / f"ddp_{mode}", ["train.backend=ddp", *COMPARE, *extra]))
+    jobs.append(_overrides(store, root / "ddp_fused_mirai_e", ["train.backend=ddp", "optim.fuse_ema=true", *COMPARE,
+                                                               *MODES["mirai_e"]]))
     for stage in (2, 3):
         common = ["train.backend=deepspeed", f"train.zero_stage={stage}", *RESUME]
         jobs.append(_overrides(store, root / f"resume{stage}_straight", common))
@@ -112,6 +117,27 @@ def test_zero_stages_match_single_process(launched, code_store, tmp_path, mode):
         assert w.keys() == ref_w.keys()
         for k in w:
             torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=2e-6, msg=f"ZeRO-{stage} {mode} {k}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ddp_matches_single_process(launched, code_store, tmp_path, mode):
+    """The plain engine under DDP (and, for Mirai-E, with optim.fuse_ema) gives the single process's run."""
+    from mirai.config import load_config
+    from mirai.train import train
+    ref_dir = tmp_path / f"single_{mode}"
+    train(load_config(DEBUG_YAML, _overrides(code_store, ref_dir, ["train.backend=single", *COMPARE, *MODES[mode]])))
+    ref_m, ref_w = _metrics(ref_dir), _weights(ref_dir)
+    runs = [f"ddp_{mode}"] + (["ddp_fused_mirai_e"] if mode == "mirai_e" else [])
+    for name in runs:
+        m, w = _metrics(launched / name), _weights(launched / name)
+        for step in (1, 2):
+            for key in ("loss", "ntp_loss", "head_loss", "grad_norm"):
+                torch.testing.assert_close(torch.tensor(m[step][key]), torch.tensor(ref_m[step][key]),
+                                           rtol=1e-5, atol=1e-6, msg=f"{name} step {step} {key}")
+        assert w.keys() == ref_w.keys()
+        for k in w:
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=2e-6, msg=f"{name} {k}")
 
 
 @pytest.mark.distributed
