@@ -1,7 +1,7 @@
 # make install: .venv with torch and the package (building mirai._C)
 # make test:    install if needed, then pytest
 # make demo:    install if needed, then the embedded demo (runs/demo/report.md)
-# make bench:   install if needed, then the EMA, foresight, optimizer, RoPE and training-step benchmarks (needs a CUDA GPU;
+# make bench:   install if needed, then the EMA, foresight, optimizer, linear + CE, RoPE and training-step benchmarks (needs a CUDA GPU;
 #               results appended to benchmarks/results/*.jsonl)
 PYTHON ?= python3
 VENV := .venv
@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/bench_ema.py
 	$(PY) benchmarks/bench_foresight.py
 	$(PY) benchmarks/bench_optim.py
+	$(PY) benchmarks/bench_linear_ce.py
 	$(PY) benchmarks/bench_rope.py
 	$(PY) benchmarks/bench_step.py --point-timeout 900
 	$(PY) benchmarks/bench_step.py --backend single --point-timeout 900

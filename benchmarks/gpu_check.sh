@@ -34,7 +34,10 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   echo "bench_foresight rc=$?"; tail -30 "$out/bench_foresight.log"
   timeout 200 python3 benchmarks/bench_optim.py > "$out/bench_optim.log" 2>&1; echo "bench_optim rc=$?"
   tail -12 "$out/bench_optim.log"
-  cp benchmarks/results/foresight.jsonl benchmarks/results/optim.jsonl "$out/" 2>/dev/null
+  timeout 200 python3 benchmarks/bench_linear_ce.py > "$out/bench_linear_ce.log" 2>&1; echo "bench_linear_ce rc=$?"
+  tail -10 "$out/bench_linear_ce.log"
+  cp benchmarks/results/foresight.jsonl benchmarks/results/optim.jsonl benchmarks/results/linear_ce.jsonl "$out/" \
+    2>/dev/null
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   timeout ${STEP_TIMEOUT:-420} python3 benchmarks/bench_step.py ${STEP_ARGS:-} > "$out/bench_step.log" 2>&1; echo "bench_step rc=$?"

@@ -58,3 +58,14 @@ def test_bench_optim_validates_then_times_on_cpu(tmp_path):
     assert {r["provider"] for r in recs} == {"torch_fused+ema", "fused", "AdamWEMA"}
     assert all(r["ms"] > 0 and r["gbps"] > 0 and r["model"] == "GPT-debug" for r in recs)
     assert {r["provider"]: r["bytes_per_param"] for r in recs} == {"torch_fused+ema": 46, "fused": 38, "AdamWEMA": 38}
+
+
+def test_bench_linear_ce_validates_then_times_on_cpu(tmp_path):
+    out = _run(str(BENCH / "bench_linear_ce.py"), "--small", "--device", "cpu", "--warmup", "1", "--iters", "2",
+               "--results-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[small] row pass: loss rel err" in out.stdout and "[small] whole op: loss/dh/dw" in out.stdout
+    recs = [json.loads(ln) for ln in (tmp_path / "linear_ce.jsonl").read_text().splitlines()]
+    assert {(r["level"], r["provider"]) for r in recs} == {(lv, p) for lv in ("row pass", "fwd+bwd")
+                                                          for p in ("kernel", "torch")}
+    assert all(r["level"] == "row pass" or r["ms"] > 0 for r in recs)

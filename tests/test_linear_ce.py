@@ -1,10 +1,13 @@
 """Fused chunked linear + cross-entropy (mirai/ops/linear_ce.py) against F.cross_entropy on full logits."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mirai import _ext
 from mirai.ops.linear_ce import _linear_ce_op, linear_cross_entropy, linear_cross_entropy_reference
 
 
@@ -27,10 +30,12 @@ def value_and_grads(fn, hidden, weight, targets):
     return loss.detach(), h.grad, w.grad
 
 
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_matches_cross_entropy_with_ignore_index_and_a_ragged_last_chunk(dtype, tol):
+def test_matches_cross_entropy_with_ignore_index_and_a_ragged_last_chunk(dtype, tol, backend):
     hidden, weight, targets = problem(dtype=dtype)                        # N = 37: chunks 8, 8, 8, 8, 5
-    ours = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=8), hidden, weight, targets)
+    ours = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=8, backend=backend),
+                           hidden, weight, targets)
     ref = value_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t), hidden, weight, targets)
     assert ours[0].dtype == dtype and ours[1].dtype == dtype and ours[2].dtype == dtype
     for a, b in zip(ours, ref):
@@ -38,21 +43,23 @@ def test_matches_cross_entropy_with_ignore_index_and_a_ragged_last_chunk(dtype, 
     assert torch.count_nonzero(ours[1][::5]) == 0                          # ignored rows get no gradient
     # one chunk bigger than N, and a custom ignore_index
     t7 = torch.where(targets == -100, torch.full_like(targets, 7), targets)
-    one = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=7, chunk_size=1000),
-                          hidden, weight, t7)
+    one = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=7, chunk_size=1000,
+                                                               backend=backend), hidden, weight, t7)
     ref7 = value_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t, ignore_index=7), hidden, weight, t7)
     for a, b in zip(one, ref7):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-def test_bf16_error_is_within_the_pytorch_bf16_error():
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_bf16_error_is_within_the_pytorch_bf16_error(backend):
     """Against an fp32 reference on the same bf16-rounded inputs: loss error <= 2x and gradient error
     <= 3x the error of PyTorch's own bf16 path (bf16 logits -> .float() -> cross_entropy)."""
     hidden, weight, targets = problem(n=301, d=64, v=1000, dtype=torch.bfloat16, seed=3, ignore_every=7)
     ref = value_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t),
                           hidden.float(), weight.float(), targets)
     torch_bf16 = value_and_grads(lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t), hidden, weight, targets)
-    ours = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=64), hidden, weight, targets)
+    ours = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=64, backend=backend),
+                           hidden, weight, targets)
     assert ours[0].dtype == torch.float32
     assert ours[1].dtype == torch.bfloat16 and ours[2].dtype == torch.bfloat16
 
@@ -88,7 +95,7 @@ def test_upstream_gradient_scales_and_partial_requires_grad():
     torch.testing.assert_close(w.grad, base[2])
     # no grad mode: same value, and no gradient buffers are computed
     with torch.no_grad():
-        loss, dh, dw = _linear_ce_op(hidden, weight, targets, -100, 8, False, False)
+        loss, dh, dw = _linear_ce_op(hidden, weight, targets, -100, 8, False, False, True)
         torch.testing.assert_close(loss, base[0])
         assert dh.numel() == 0 and dw.numel() == 0
         assert linear_cross_entropy(hidden, weight.requires_grad_(), targets).requires_grad is False
@@ -112,17 +119,95 @@ def test_custom_op_registration_and_compiled_caller_without_graph_break():
     hidden, weight, targets = problem(dtype=torch.float32)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    torch.library.opcheck(_linear_ce_op, (h, w, targets, -100, 8, True, True),
+    torch.library.opcheck(_linear_ce_op, (h, w, targets, -100, 8, True, True, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
-    def f(h, w, t):                                                       # ops around the fused loss
-        return 2.0 * linear_cross_entropy(torch.tanh(h), w, t, chunk_size=8)
+    for backend in ("auto", "kernel"):
+        def f(h, w, t, _b=backend):                                       # ops around the fused loss
+            return 2.0 * linear_cross_entropy(torch.tanh(h), w, t, chunk_size=8, backend=_b)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")      # fullgraph: a break would raise
-    got = value_and_grads(compiled, hidden, weight, targets)
-    want = value_and_grads(f, hidden, weight, targets)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # fullgraph: a break would raise
+        got = value_and_grads(compiled, hidden, weight, targets)
+        want = value_and_grads(f, hidden, weight, targets)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def softmax_grad_reference(z: torch.Tensor, targets: torch.Tensor, row_w: torch.Tensor):
+    """(row loss, gradient over z) of the row pass, in float64."""
+    logp = torch.log_softmax(z.double(), dim=-1)
+    loss = -logp.gather(1, targets[:, None])[:, 0] * row_w.double()
+    grad = (logp.exp() - F.one_hot(targets, z.shape[1]).double()) * row_w.double()[:, None]
+    return loss, grad
+
+
+@pytest.mark.skipif(not _ext.has_op("ce_softmax_grad_"), reason="mirai._C not built")
+def test_row_pass_kernel_odd_widths_ignored_rows_and_errors():
+    C = _ext.ext()
+    g = torch.Generator().manual_seed(4)
+    for v, dtype, tol in ((1, torch.float32, 1e-6), (1001, torch.float32, 1e-6), (16387, torch.bfloat16, 1e-2),
+                          (640, torch.float64, 1e-12)):
+        z = (torch.randn(7, v, generator=g) * 3).to(dtype)
+        t = torch.randint(0, v, (7,), generator=g)
+        w = torch.full((7,), 1 / 5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        w[2] = 0                                                          # an ignored row
+        want_loss, want_grad = softmax_grad_reference(z, t, w)
+        zz = z.clone()
+        loss = C.ce_softmax_grad_(zz, t, w, False)                        # loss only: z untouched
+        assert torch.equal(zz, z)
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+        loss = C.ce_softmax_grad_(zz, t, w, True)
+        assert loss.dtype == w.dtype and zz.dtype == dtype
+        torch.testing.assert_close(zz.double(), want_grad, rtol=tol, atol=tol * want_grad.abs().max().item())
+        assert torch.count_nonzero(zz[2]) == 0 and loss[2] == 0
+    z, t, w = torch.randn(3, 10), torch.tensor([1, 2, 3]), torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, V\) = \[0, 10\)"):
+        C.ce_softmax_grad_(z, torch.tensor([1, 10, 3]), w, True)
+    with pytest.raises(RuntimeError, match="z must be contiguous"):
+        C.ce_softmax_grad_(torch.randn(10, 3).t(), t, w, True)
+    with pytest.raises(RuntimeError, match="row_w must be Float for BFloat16 logits"):
+        C.ce_softmax_grad_(z.bfloat16(), t, w.double(), True)
+    with pytest.raises(RuntimeError, match=r"targets must be \[C\] = \[3\]"):
+        C.ce_softmax_grad_(z, t[:2], w, True)
+    with pytest.raises(RuntimeError, match="z must be float32 or bfloat16"):
+        C.ce_softmax_grad_(z.half(), t, w, True)
+
+
+def test_backend_choice_and_fallback(monkeypatch):
+    hidden, weight, targets = problem(dtype=torch.float32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        linear_cross_entropy(hidden, weight, targets, backend="cuda")
+    import mirai.ops.linear_ce as lce
+    monkeypatch.setattr(lce, "_kernel_unavailable", lambda *a: "no kernel here")
+    with pytest.raises(RuntimeError, match="backend='kernel'.*no kernel here"):
+        linear_cross_entropy(hidden, weight, targets, backend="kernel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                    # CPU + auto: PyTorch, no warning
+        got = linear_cross_entropy(hidden, weight, targets)
+    torch.testing.assert_close(got, linear_cross_entropy(hidden, weight, targets, backend="torch"))
+    if torch.cuda.is_available():
+        with pytest.warns(RuntimeWarning, match="linear_cross_entropy falls back: no kernel here"):
+            linear_cross_entropy(hidden.cuda(), weight.cuda(), targets.cuda())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_cuda()), reason="needs CUDA and mirai._C's CUDA kernels")
+def test_row_pass_cuda_kernel_matches_the_cpu_kernel():
+    C = _ext.ext()
+    g = torch.Generator().manual_seed(5)
+    for v, dtype in ((16384, torch.bfloat16), (1001, torch.bfloat16), (16384, torch.float32), (3, torch.float32)):
+        z = (torch.randn(33, v, generator=g) * 4).to(dtype)
+        t = torch.randint(0, v, (33,), generator=g)
+        w = torch.rand(33, generator=g)
+        cpu, dev = z.clone(), z.cuda()
+        want = C.ce_softmax_grad_(cpu, t, w, True)
+        got = C.ce_softmax_grad_(dev, t.cuda(), w.cuda(), True)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(dev.cpu().float(), cpu.float(), rtol=tol, atol=tol * cpu.float().abs().max().item())
+    bad = torch.randn(2, 8, device="cuda")
+    loss = C.ce_softmax_grad_(bad, torch.tensor([1, 9], device="cuda"), torch.ones(2, device="cuda"), True)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1])             # out of range: NaN, not a wild read
 
 
 @pytest.mark.cuda
@@ -133,6 +218,8 @@ def test_bf16_on_gpu_is_within_the_pytorch_bf16_error():
     ref = value_and_grads(lambda h, w, t: F.cross_entropy(h.double() @ w.double().t(), t), hidden, weight, targets)
     torch_bf16 = value_and_grads(lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t), hidden, weight, targets)
     ours = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=1024), hidden, weight, targets)
+    plain = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=1024, backend="torch"),
+                            hidden, weight, targets)
 
     def err(x, r):
         return ((x.double() - r.double()).norm() / r.double().norm()).item()
@@ -140,3 +227,4 @@ def test_bf16_on_gpu_is_within_the_pytorch_bf16_error():
     assert err(ours[0], ref[0]) <= 2 * err(torch_bf16[0], ref[0]) + 1e-7
     for i in (1, 2):
         assert err(ours[i], ref[i]) <= 3 * err(torch_bf16[i], ref[i])
+        assert err(plain[i], ref[i]) <= 3 * err(torch_bf16[i], ref[i])    # the plain-PyTorch row pass too

@@ -10,12 +10,15 @@ Algorithm (one pass over the N tokens in chunks of ``chunk_size`` rows, all insi
   per chunk c of rows [s, e), C = e - s:
     z    = hidden[s:e] @ weight.T                  [C, V] in the input dtype (a bf16 GEMM accumulates
                                                    in fp32 and rounds its output once, like nn.Linear)
-    logp = log_softmax(z, dtype=acc)               [C, V] acc dtype (one fused kernel; computes the
-                                                   row log-sum-exp in fp32)
-    loss += sum_rows( -logp[row, t_row] * w_row )  w_row = valid_row / max(n_valid, 1)
-    g    = (exp(logp) - onehot(t)) * w_row         [C, V] the gradient of the mean loss w.r.t. z,
-                                                   cast to the input dtype (as autograd does for a
-                                                   bf16 Linear followed by .float())
+    loss += sum_rows( -log_softmax(z)[row, t_row] * w_row )    w_row = valid_row / max(n_valid, 1)
+    g    = (softmax(z) - onehot(t)) * w_row        [C, V] the gradient of the mean loss w.r.t. z,
+                                                   in the input dtype (as autograd gives for a bf16
+                                                   Linear followed by .float()), written over z
+         the row statistics (max, sum of exp -> log-sum-exp) in fp32: ``mirai._C.ce_softmax_grad_``
+         (csrc/ce/: one read of z for the statistics, one read + write for g; the default on CUDA,
+         and on the CPU with ``backend="kernel"``), or, with ``backend="torch"``, on the CPU by
+         default, or without the extension, log_softmax(dtype=fp32) + exp_ + scatter_add_ + a
+         scaling cast (five passes over [C, V] and an fp32 copy of it)
     dhidden[s:e] = g @ weight                      [C, D] input dtype
     dweight_acc += g.T @ hidden[s:e]               [V, D] acc dtype (per-chunk GEMM on input-dtype
                                                    operands with an fp32 result on CUDA; on CPU the
@@ -33,8 +36,8 @@ The op runs with autocast disabled: under autocast the caller casts both inputs 
 ``OutputHead`` casts to the autocast dtype, as nn.Linear would). No host synchronisation.
 
 Memory bound (beyond the inputs): saved for backward ``dhidden`` N*D (input dtype) + ``dweight_acc``
-V*D (fp32); transient per chunk C*V*(2 + 4 + 2) bytes for bf16 inputs (z, logp/exp in place, g) +
-V*D*4 (the chunk's dweight product). For N = 8192, V = 16384, D = 768, C = 2048: 12.6 MB + 50 MB
+V*D (fp32); transient per chunk C*V*2 bytes for bf16 inputs with the kernel (z, then g in place;
+C*V*(2 + 4 + 2) with the torch pass: z, logp/exp in place, g) + V*D*4 (the chunk's dweight product). For N = 8192, V = 16384, D = 768, C = 2048: 12.6 MB + 50 MB
 saved, ~320 MB transient, against the unfused path's N*V*4 = 512 MB of fp32 log-probs saved for the
 backward plus ~768 MB transient (bf16 logits, their fp32 copy) at the end of the forward, and
 N*V*(4 + 4 + 2) bytes of gradients in its backward.
@@ -78,9 +81,32 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
 
 
+BACKENDS = ("auto", "kernel", "torch")
+
+
+@torch.compiler.assume_constant_result  # evaluated (not traced) when a compiled model calls the op
+def _kernel_unavailable(device_type: str, dtype_name: str) -> str:
+    """Why ``mirai._C.ce_softmax_grad_`` cannot run the row pass for inputs of this device type and
+    dtype ("float32", "bfloat16", ...), or "" when it can."""
+    from mirai import _ext
+    if not _ext.has_op("ce_softmax_grad_"):
+        return f"the extension mirai._C is unavailable or lacks ce_softmax_grad_ ({_ext.load_error()})"
+    if device_type == "cuda":
+        if not _ext.has_cuda():
+            return "mirai._C was built without its CUDA kernels"
+        if dtype_name not in ("float32", "bfloat16"):
+            return f"no CUDA kernel for {dtype_name} (float32 and bfloat16 only)"
+        return ""
+    if device_type != "cpu":
+        return f"no kernel for device type {device_type!r}"
+    if dtype_name not in ("float32", "bfloat16", "float64"):
+        return f"no CPU kernel for {dtype_name}"
+    return ""
+
+
 @torch.library.custom_op("mirai::linear_cross_entropy", mutates_args=())
 def _linear_ce_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                  chunk_size: int, need_dhidden: bool, need_dweight: bool
+                  chunk_size: int, need_dhidden: bool, need_dweight: bool, use_kernel: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [] acc, dhidden [N, D] input dtype or [0], dweight [V, D] acc or [0]); see module docstring."""
     N, D = hidden.shape
@@ -97,7 +123,7 @@ def _linear_ce_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         for s in range(0, N, chunk_size):
             e = min(s + chunk_size, N)
             dw_c = _chunk(hidden[s:e], weight, safe_t[s:e, None], row_w[s:e, None], loss,
-                          dhidden[s:e] if need_dhidden else None, need_dweight)
+                          dhidden[s:e] if need_dhidden else None, need_dweight, use_kernel)
             if dw_c is not None:
                 dweight = dw_c if dweight is None else dweight.add_(dw_c)
     if dweight is None:                                                       # no chunk (N = 0) or not needed
@@ -106,20 +132,29 @@ def _linear_ce_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 
 def _chunk(h_c: torch.Tensor, weight: torch.Tensor, t_c: torch.Tensor, rw_c: torch.Tensor, loss: torch.Tensor,
-           dh_c: torch.Tensor | None, need_dweight: bool) -> torch.Tensor | None:
+           dh_c: torch.Tensor | None, need_dweight: bool, use_kernel: bool) -> torch.Tensor | None:
     """One chunk of C rows: ``h_c [C, D]``, ``t_c [C, 1]`` (ignored rows hold 0), ``rw_c [C, 1]`` row
     weights. Adds into ``loss`` [], writes ``dh_c [C, D]`` (when given) and returns the chunk's
     ``dweight`` contribution ``[V, D]`` in the loss dtype (when ``need_dweight``)."""
-    logp = torch.log_softmax(h_c @ weight.t(), dim=-1, dtype=loss.dtype)     # [C, V] acc dtype
-    loss.sub_((logp.gather(1, t_c) * rw_c).sum())
-    if dh_c is None and not need_dweight:
-        return None
-    g = logp.exp_()                                                           # softmax, in place
-    g.scatter_add_(1, t_c, torch.full_like(t_c, -1, dtype=g.dtype))           # - onehot(target)
-    if g.dtype == h_c.dtype:
-        g.mul_(rw_c)                                                          # [C, V]
+    need_grad = dh_c is not None or need_dweight
+    if use_kernel:
+        from mirai import _ext
+        g = h_c @ weight.t()                                                  # [C, V] logits, input dtype
+        row_loss = _ext.ext().ce_softmax_grad_(g, t_c.view(-1), rw_c.view(-1), need_grad)  # g <- d loss / dz
+        loss.add_(row_loss.sum())
+        if not need_grad:
+            return None
     else:
-        g = torch.mul(g, rw_c, out=torch.empty_like(g, dtype=h_c.dtype))      # scaled + cast: [C, V]
+        logp = torch.log_softmax(h_c @ weight.t(), dim=-1, dtype=loss.dtype)  # [C, V] acc dtype
+        loss.sub_((logp.gather(1, t_c) * rw_c).sum())
+        if not need_grad:
+            return None
+        g = logp.exp_()                                                       # softmax, in place
+        g.scatter_add_(1, t_c, torch.full_like(t_c, -1, dtype=g.dtype))       # - onehot(target)
+        if g.dtype == h_c.dtype:
+            g.mul_(rw_c)                                                      # [C, V]
+        else:
+            g = torch.mul(g, rw_c, out=torch.empty_like(g, dtype=h_c.dtype))  # scaled + cast: [C, V]
     if dh_c is not None:
         torch.mm(g, weight, out=dh_c)                                         # [C, D]
     if not need_dweight:
@@ -132,7 +167,7 @@ def _chunk(h_c: torch.Tensor, weight: torch.Tensor, t_c: torch.Tensor, rw_c: tor
 
 
 @_linear_ce_op.register_fake
-def _linear_ce_fake(hidden, weight, targets, ignore_index, chunk_size, need_dhidden, need_dweight):
+def _linear_ce_fake(hidden, weight, targets, ignore_index, chunk_size, need_dhidden, need_dweight, use_kernel):
     acc = _acc_dtype(hidden.dtype)
     N, D = hidden.shape
     V = weight.shape[0]
@@ -142,7 +177,7 @@ def _linear_ce_fake(hidden, weight, targets, ignore_index, chunk_size, need_dhid
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, _targets, _ignore, _chunk_size, need_dhidden, need_dweight = inputs
+    hidden, weight, _targets, _ignore, _chunk_size, need_dhidden, need_dweight, _use_kernel = inputs
     _, dhidden, dweight = output
     ctx.save_for_backward(dhidden, dweight)
     ctx.need = (need_dhidden, need_dweight)
@@ -157,23 +192,39 @@ def _backward(ctx, grad_loss, _grad_dhidden, _grad_dweight):
     g = grad_loss.to(_acc_dtype(h_dtype))                                     # e.g. 1 / grad-accum steps
     dh = (dhidden.to(g.dtype) * g).to(h_dtype) if need_dh else None           # [N, D]
     dw = (dweight * g).to(w_dtype) if need_dw else None                       # [V, D]
-    return dh, dw, None, None, None, None, None
+    return dh, dw, None, None, None, None, None, None
 
 
 _linear_ce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                         ignore_index: int = -100, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                         backend: str = "auto") -> torch.Tensor:
     """Mean cross-entropy of ``hidden [N, D] @ weight[V, D].T`` against ``targets [N]`` (fp32 scalar for
     bf16/fp32 inputs), computed in row chunks of ``chunk_size`` without the N x V logits; see the module
-    docstring. Differentiable w.r.t. ``hidden`` and ``weight``."""
+    docstring. Differentiable w.r.t. ``hidden`` and ``weight``. ``backend``: the row pass in
+    ``mirai._C`` ("kernel", an error when it cannot run), in plain PyTorch ("torch"), or ("auto") on
+    CUDA the kernel when it can run, else PyTorch with one warning, and on the CPU PyTorch."""
     _check_inputs(hidden, weight, targets, chunk_size)
+    if backend not in BACKENDS:
+        raise ValueError(f"linear_cross_entropy: backend must be one of {BACKENDS}, got {backend!r}")
+    use_kernel = False
+    # "auto" takes the kernel on CUDA; on the CPU its scalar exp is slower than ATen's vectorised pass, so
+    # the CPU kernel (the CUDA kernel's tested twin) runs only when asked for
+    if backend == "kernel" or (backend == "auto" and hidden.device.type == "cuda"):
+        reason = _kernel_unavailable(hidden.device.type, str(hidden.dtype).removeprefix("torch."))
+        if reason and backend == "kernel":
+            raise RuntimeError(f"linear_cross_entropy(backend='kernel'): {reason}")
+        if reason:
+            from mirai import _ext
+            _ext.warn_fallback("linear_cross_entropy", reason)
+        use_kernel = not reason
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad
     loss, _, _ = _linear_ce_op(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
-                               int(ignore_index), int(chunk_size), need_dh, need_dw)
+                               int(ignore_index), int(chunk_size), need_dh, need_dw, use_kernel)
     return loss
 
 
