@@ -173,6 +173,25 @@ def test_row_pass_kernel_odd_widths_ignored_rows_and_errors():
         C.ce_softmax_grad_(z.half(), t, w, True)
 
 
+def test_self_check_accepts_the_kernel_and_catches_a_wrong_one(monkeypatch):
+    import mirai.ops.linear_ce as lce
+    monkeypatch.setattr(lce, "_SELF_CHECKS", {})
+    assert lce._self_check("cpu") == ""                                   # the CPU twin agrees with PyTorch
+
+    real = _ext.ext()
+
+    class Wrong:                                                          # a kernel that forgets the weights
+        @staticmethod
+        def ce_softmax_grad_(z, t, w, need_grad):
+            return real.ce_softmax_grad_(z, t, torch.ones_like(w), need_grad)
+
+    monkeypatch.setattr(lce, "_SELF_CHECKS", {})
+    monkeypatch.setattr(_ext, "ext", lambda: Wrong)
+    reason = lce._self_check("cpu")
+    assert reason.startswith("its self-check on cpu disagreed with PyTorch")
+    assert lce._SELF_CHECKS["cpu"] == reason                              # remembered: checked once per device
+
+
 def test_backend_choice_and_fallback(monkeypatch):
     hidden, weight, targets = problem(dtype=torch.float32)
     with pytest.raises(ValueError, match="backend must be one of"):

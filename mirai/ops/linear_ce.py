@@ -15,8 +15,9 @@ Algorithm (one pass over the N tokens in chunks of ``chunk_size`` rows, all insi
                                                    in the input dtype (as autograd gives for a bf16
                                                    Linear followed by .float()), written over z
          the row statistics (max, sum of exp -> log-sum-exp) in fp32: ``mirai._C.ce_softmax_grad_``
-         (csrc/ce/: one read of z for the statistics, one read + write for g; the default on CUDA,
-         and on the CPU with ``backend="kernel"``), or, with ``backend="torch"``, on the CPU by
+         (csrc/ce/: one read of z for the statistics, one read + write for g; the default on CUDA
+         once it has passed a self-check against PyTorch on the device (``_self_check``), and on
+         the CPU with ``backend="kernel"``), or, with ``backend="torch"``, on the CPU by
          default, or without the extension, log_softmax(dtype=fp32) + exp_ + scatter_add_ + a
          scaling cast (five passes over [C, V] and an fp32 copy of it)
     dhidden[s:e] = g @ weight                      [C, D] input dtype
@@ -84,6 +85,37 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 BACKENDS = ("auto", "kernel", "torch")
 
 
+_SELF_CHECKS: dict[str, str] = {}
+
+
+def _self_check(device: str) -> str:
+    """Run the row-pass kernel once on `device` against the plain PyTorch pass (bf16 logits of
+    16,384 codes on the vectorised path, fp32 logits of 1,001 codes on the scalar one): "" when they
+    agree, else why not. Remembered per device, so a kernel that computes wrong numbers on some GPU
+    is never used there (the op warns and runs the PyTorch pass instead)."""
+    if device not in _SELF_CHECKS:
+        from mirai import _ext
+        gen = torch.Generator().manual_seed(0)
+        reason = ""
+        for v, dtype in ((16384, torch.bfloat16), (1001, torch.float32)):
+            z = (torch.randn(6, v, generator=gen) * 3).to(device=device, dtype=dtype)
+            t = torch.randint(0, v, (6,), generator=gen).to(device)
+            w = torch.rand(6, generator=gen).to(device)
+            logp = torch.log_softmax(z.double(), dim=-1)
+            want_loss = -logp.gather(1, t[:, None])[:, 0] * w.double()
+            want_grad = (logp.exp() - F.one_hot(t, v).double()) * w.double()[:, None]
+            got = z.clone()
+            loss = _ext.ext().ce_softmax_grad_(got, t, w, True)
+            err_l = ((loss.double() - want_loss).abs().max() / want_loss.abs().max()).item()
+            err_g = ((got.double() - want_grad).abs().max() / want_grad.abs().max()).item()
+            if not (err_l <= 1e-5 and err_g <= (2.0 ** -7 if dtype == torch.bfloat16 else 1e-5)):
+                reason = (f"its self-check on {device} disagreed with PyTorch ({dtype}, V = {v}: loss error "
+                          f"{err_l:.1e}, gradient error {err_g:.1e})")
+                break
+        _SELF_CHECKS[device] = reason
+    return _SELF_CHECKS[device]
+
+
 @torch.compiler.assume_constant_result  # evaluated (not traced) when a compiled model calls the op
 def _kernel_unavailable(device_type: str, dtype_name: str) -> str:
     """Why ``mirai._C.ce_softmax_grad_`` cannot run the row pass for inputs of this device type and
@@ -96,7 +128,7 @@ def _kernel_unavailable(device_type: str, dtype_name: str) -> str:
             return "mirai._C was built without its CUDA kernels"
         if dtype_name not in ("float32", "bfloat16"):
             return f"no CUDA kernel for {dtype_name} (float32 and bfloat16 only)"
-        return ""
+        return _self_check(f"cuda:{torch.cuda.current_device()}")
     if device_type != "cpu":
         return f"no kernel for device type {device_type!r}"
     if dtype_name not in ("float32", "bfloat16", "float64"):
