@@ -364,6 +364,28 @@ def test_bad_inputs_raise_with_clear_messages(backend, monkeypatch):
     assert all(torch.equal(x, torch.zeros_like(x)) for x in p), "a refused call must not touch the params"
 
 
+# ----------------------------------------------------------------------------------- self-check
+@needs_ext
+def test_self_check_accepts_the_kernel_and_catches_a_wrong_one(monkeypatch):
+    from mirai.ops import adamw as ops_adamw
+    monkeypatch.setattr(ops_adamw, "_SELF_CHECKS", {})
+    real = _ext.ext()
+    assert ops_adamw._self_check(real, "cpu") is None      # the kernel agrees with the foreach formulation
+
+    class NoDecay:                                          # a kernel that forgets the weight decay
+        @staticmethod
+        def adamw_ema_step_(*args):
+            args = list(args)
+            args[10] = 0.0
+            return real.adamw_ema_step_(*args)
+
+    assert ops_adamw._self_check(NoDecay, "cpu") is None    # remembered per device: not run again
+    monkeypatch.setattr(ops_adamw, "_SELF_CHECKS", {})
+    reason = ops_adamw._self_check(NoDecay, "cpu")
+    assert reason is not None and reason.startswith("its self-check on cpu disagreed")
+    assert ops_adamw._SELF_CHECKS == {"cpu": reason}
+
+
 # ----------------------------------------------------------------------------------- fallback
 def test_fallback_same_numbers_and_warns_once(monkeypatch):
     st = _State(seed=3)
