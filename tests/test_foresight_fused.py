@@ -167,6 +167,28 @@ def test_schedule_memory_matches_plan_bytes_cpu():
     assert 4 * lean < wide
 
 
+def test_self_check_accepts_the_kernels_and_catches_a_wrong_one(monkeypatch):
+    monkeypatch.setattr(fs, "_SELF_CHECKS", {})
+    state = torch.get_rng_state()
+    assert fs._self_check("cpu") == ""                    # the C++ kernels agree with the reference
+    assert torch.equal(torch.get_rng_state(), state)      # the caller's random stream is untouched
+    real = _ext.ext()
+
+    class Wrong:                                          # a kernel whose dh comes back halved
+        @staticmethod
+        def foresight_fused_cpu(*args):
+            out = real.foresight_fused_cpu(*args)
+            if out[2].numel():
+                out[2].mul_(0.5)
+            return out
+
+    monkeypatch.setattr(fs, "_SELF_CHECKS", {})
+    monkeypatch.setattr(_ext, "ext", lambda: Wrong)
+    reason = fs._self_check("cpu")
+    assert reason.startswith("its self-check on cpu disagreed with the reference") and ", h:" in reason
+    assert fs._SELF_CHECKS == {"cpu": reason}
+
+
 def test_fused_plan_budget_and_fewest_iterations():
     # issue 4's shapes (bf16): all heads at once within the default budget, as measured on the H100
     assert fs.fused_plan(8192, 3, 2048, 768, 768, 2) == (3, 4096)      # GPT-B Mirai-E

@@ -38,7 +38,8 @@ The head parameters are read directly (``heads.forward`` is not called), so unde
 must be gathered by the caller.
 
 Backends: ``"fused"`` uses the CUDA kernels for CUDA tensors and the C++ CPU kernels for CPU
-tensors (``mirai._C``) and raises a clear error when they cannot run; ``"reference"`` runs
+tensors (``mirai._C``) and raises a clear error when they cannot run (the CUDA kernels run on a
+device only once they have passed a self-check there against the reference, ``_self_check``); ``"reference"`` runs
 the plain PyTorch formulation; ``"auto"`` (default) picks the fused kernels when they can run
 and otherwise falls back to the reference, warning once per reason (``mirai._ext.warn_fallback``):
 extension missing or built without CUDA, a head kind other than "mlp", an unsupported dtype.
@@ -174,7 +175,64 @@ def _fused_unavailable(h: Tensor, heads, teacher: Tensor) -> str | None:
     ok = (torch.float32, torch.bfloat16) + ((torch.float64,) if dev == "cpu" else ())
     if dt not in ok or teacher.dtype not in ok:
         return f"dtypes heads={dt}, teacher={teacher.dtype} have no fused kernel on {dev} (supported: {ok})"
+    if dev == "cuda":
+        return _self_check(str(h.device)) or None
     return None
+
+
+_SELF_CHECKS: dict[str, str] = {}
+
+
+@torch.compiler.assume_constant_result  # under torch.compile evaluated once, not traced
+def _self_check(device: str) -> str:
+    """Run the fused op once on `device` against the reference, in fp32 (TF32 off), on a small case
+    with a masked target row, all heads at once and one head at a time over three chunks: "" when
+    the loss and every gradient agree, else why not. Remembered per device, so kernels that compute
+    wrong numbers on some GPU are never used there (``foresight_loss`` warns and falls back).
+    The caller's RNG state, autocast and grad mode are left as they were."""
+    if device in _SELF_CHECKS:
+        return _SELF_CHECKS[device]
+    _SELF_CHECKS[device] = ""  # the fused calls below ask again: let them through
+    from mirai.foresight.heads import ForesightHeads
+    from mirai.ops.reference import foresight_loss_reference
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        heads = ForesightHeads(32, 48, 3, hidden=64).to(device)
+    h = torch.randn(2, 16, 32, generator=gen).to(device)
+    teacher = torch.randn(2, 16, 48, generator=gen).to(device)
+    table = torch.randint(0, 16, (3, 16), generator=gen)
+    table[1, 3:9] = -1
+    table, coeffs = table.to(device), torch.tensor([1.0, 2.0, 0.5], device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    reason = ""
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+            def run(**kw) -> list[Tensor]:
+                hh = h.clone().requires_grad_(True)
+                heads.zero_grad(set_to_none=True)
+                total, per_head = (foresight_loss(hh, heads, teacher, table, coeffs, backend="fused", **kw) if kw
+                                   else foresight_loss_reference(hh, heads, teacher, table, coeffs))
+                total.backward()
+                return [total.detach(), per_head.detach(), hh.grad] + [getattr(heads, n).grad for n in _HEAD_PARAMS]
+
+            want = run()
+            names = ["total", "per_head", "h"] + [f"grad {n}" for n in _HEAD_PARAMS]
+            for groups, chunk in ((3, 32), (1, 12)):
+                for name, got, ref in zip(names, run(group_heads=groups, chunk_tokens=chunk), want):
+                    err = (got.double() - ref.double()).abs().max().item()
+                    if not err <= 1e-4 * ref.double().abs().max().item() + 1e-6:
+                        reason = (f"its self-check on {device} disagreed with the reference ({groups} heads x "
+                                  f"{chunk} tokens, {name}: max error {err:.1e})")
+                        break
+                if reason:
+                    break
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    _SELF_CHECKS[device] = reason
+    return reason
 
 
 def plan_bytes(n_tokens: int, k: int, hidden: int, in_dim: int, out_dim: int, elem_bytes: int,
