@@ -97,47 +97,30 @@ def launched(code_store, tmp_path_factory):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", list(MODES))
-def test_zero_stages_match_single_process(launched, code_store, tmp_path, mode):
+def test_zero_stages_and_ddp_match_single_process(launched, code_store, tmp_path, mode):
+    """Every 2-rank run of a mode (DeepSpeed ZeRO-0..3; the plain engine under DDP, for Mirai-E also with
+    optim.fuse_ema) gives the single process's losses, gradient norms and weights."""
     from mirai.config import load_config
     from mirai.train import train
     ref_dir = tmp_path / f"single_{mode}"
     train(load_config(DEBUG_YAML, _overrides(code_store, ref_dir, ["train.backend=single", *COMPARE, *MODES[mode]])))
     ref_m, ref_w = _metrics(ref_dir), _weights(ref_dir)
     assert ref_w["model.output.weight"].abs().max() > 0          # the step moved the zero-initialised output
-    for stage in STAGES:
-        run = launched / f"z{stage}_{mode}"
-        m, w = _metrics(run), _weights(run)
+    runs = [(f"z{stage}_{mode}", f"ZeRO-{stage}") for stage in STAGES] + [(f"ddp_{mode}", "DDP")]
+    if mode == "mirai_e":
+        runs.append(("ddp_fused_mirai_e", "DDP + fuse_ema"))
+    for folder, label in runs:
+        m, w = _metrics(launched / folder), _weights(launched / folder)
         for step in (1, 2):
             for key in ("loss", "ntp_loss", "head_loss", "grad_norm"):
-                if key == "grad_norm" and stage == 0:
+                if key == "grad_norm" and label == "ZeRO-0":
                     assert m[step][key] is None                  # DeepSpeed reports none at ZeRO-0 in fp32
                     continue
                 torch.testing.assert_close(torch.tensor(m[step][key]), torch.tensor(ref_m[step][key]),
-                                           rtol=1e-5, atol=1e-6, msg=f"ZeRO-{stage} {mode} step {step} {key}")
+                                           rtol=1e-5, atol=1e-6, msg=f"{label} {mode} step {step} {key}")
         assert w.keys() == ref_w.keys()
         for k in w:
-            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=2e-6, msg=f"ZeRO-{stage} {mode} {k}")
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("mode", list(MODES))
-def test_ddp_matches_single_process(launched, code_store, tmp_path, mode):
-    """The plain engine under DDP (and, for Mirai-E, with optim.fuse_ema) gives the single process's run."""
-    from mirai.config import load_config
-    from mirai.train import train
-    ref_dir = tmp_path / f"single_{mode}"
-    train(load_config(DEBUG_YAML, _overrides(code_store, ref_dir, ["train.backend=single", *COMPARE, *MODES[mode]])))
-    ref_m, ref_w = _metrics(ref_dir), _weights(ref_dir)
-    runs = [f"ddp_{mode}"] + (["ddp_fused_mirai_e"] if mode == "mirai_e" else [])
-    for name in runs:
-        m, w = _metrics(launched / name), _weights(launched / name)
-        for step in (1, 2):
-            for key in ("loss", "ntp_loss", "head_loss", "grad_norm"):
-                torch.testing.assert_close(torch.tensor(m[step][key]), torch.tensor(ref_m[step][key]),
-                                           rtol=1e-5, atol=1e-6, msg=f"{name} step {step} {key}")
-        assert w.keys() == ref_w.keys()
-        for k in w:
-            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=2e-6, msg=f"{name} {k}")
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=2e-6, msg=f"{label} {mode} {k}")
 
 
 @pytest.mark.distributed
