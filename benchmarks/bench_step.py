@@ -18,7 +18,7 @@ for the whole Mirai step's FLOPs (``mirai.flops``). JSON lines go to ``benchmark
 in its own subprocess so engines and compile caches of one point never affect the next.
 ``--backend single`` times the plain single-process engine (``train.backend=auto`` on one GPU) instead of
 DeepSpeed; ``--compile-scope`` sets ``train.compile_scope``; ``--fuse-ema`` sets ``optim.fuse_ema`` (the
-AdamW step, clip and EMA in one pass; single-process engine).
+AdamW step, clip and EMA in one pass; single-process engine); ``--ce-backend`` sets ``train.ce_backend``.
 
     python benchmarks/bench_step.py                                   # issue 10's grid on one GPU
     python benchmarks/bench_step.py --models GPT-B --modes mirai_e --micro 32 --profile
@@ -61,7 +61,7 @@ def point_config(model: str, mode: str, micro: int, store: Path, out: Path, args
             f"train.compile={str(args.compile).lower()}", f"train.compile_scope={args.compile_scope}",
             "train.progress=false", "train.tensorboard=false", "data.num_workers=0", "data.pin_memory=true",
             f"train.device={'cpu' if cpu else 'cuda'}", "train.max_steps=1000000", "train.resume=none",
-            f"optim.fuse_ema={str(args.fuse_ema).lower()}"]
+            f"optim.fuse_ema={str(args.fuse_ema).lower()}", f"train.ce_backend={args.ce_backend}"]
     if model == "GPT-debug":
         over += ["train.precision=fp32" if cpu else "train.precision=bf16"]
         if cfg_mode == "mirai_e":
@@ -145,6 +145,7 @@ def run_point(model: str, mode: str, micro: int, args) -> dict:
            "zero_stage": cfg.train.zero_stage if run.runtime.backend == "deepspeed" else None,
            "precision": cfg.train.precision, "compile": cfg.train.compile,
            "fuse_ema": bool(cfg.optim.fuse_ema and run.runtime.backend != "deepspeed"),
+           "ce_backend": cfg.train.ce_backend,
            "compile_scope": compile_scope(cfg, run.runtime) if cfg.train.compile else None,
            "k": run.fcfg.k if run.fcfg.enabled else 0,
            "layer": run.fcfg.layer if run.fcfg.enabled else None, "warmup": args.warmup, "steps": args.steps,
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train.compile_scope: one graph for the whole forward, or one per block")
     p.add_argument("--fuse-ema", action=argparse.BooleanOptionalAction, default=False,
                    help="optim.fuse_ema: AdamW + clip + EMA in one pass (mirai.optim.AdamWEMA; --backend single)")
+    p.add_argument("--ce-backend", choices=("auto", "kernel", "torch"), default="auto",
+                   help="train.ce_backend: the fused linear + CE's row pass (mirai._C kernel or PyTorch)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 CUDA / 1 CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 CUDA / 3 CPU)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss reads, as train.log_every")
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--device", args.device, "--backend", args.backend, "--zero", str(args.zero),
                          "--compile" if args.compile else "--no-compile",
                          "--compile-scope", args.compile_scope, "--warmup", str(args.warmup),
-                         "--fuse-ema" if args.fuse_ema else "--no-fuse-ema",
+                         "--fuse-ema" if args.fuse_ema else "--no-fuse-ema", "--ce-backend", args.ce_backend,
                          "--steps", str(args.steps), "--log-every", str(args.log_every)]
                 if args.peak:
                     child += ["--peak", str(args.peak)]

@@ -199,6 +199,10 @@ class TrainConfig:
     fused_ce: bool = True
     """NTP loss by the model's chunked fused linear + cross-entropy (no [B, T, V] fp32 logits); false:
     logits then F.cross_entropy (same value)."""
+    ce_backend: Literal["auto", "kernel", "torch"] = "auto"
+    """Row pass of the fused linear + cross-entropy (softmax statistics, loss, logit gradient): the mirai._C
+    kernel ("kernel"), plain PyTorch ("torch"), or "auto": the kernel on CUDA once it has passed its self-check
+    on the device, PyTorch on the CPU."""
     check_grad_overflow: bool = False
     """DeepSpeed bf16: test every gradient for inf/NaN before the optimizer step and skip the step when one is
     found. Off by default: bf16 needs no loss scaling, and the check costs several per-parameter reductions and

@@ -118,7 +118,8 @@ def build_run(cfg: Config) -> Run:
         from mirai.data.format import CodeStore
         source = PrecomputedFeatures.from_store(CodeStore(cfg.data.codes), gpt.config.grid_size, fcfg.encoder.name)
     base_lr = cfg.optim.lr * t_cfg.global_batch / 256          # linear scaling: optim.lr is per 256 images
-    engine = build_engine(TrainModule(gpt, objective, fused_ce=t_cfg.fused_ce), cfg, rt, base_lr)
+    engine = build_engine(TrainModule(gpt, objective, fused_ce=t_cfg.fused_ce, ce_backend=t_cfg.ce_backend), cfg,
+                          rt, base_lr)
     if isinstance(source, torch.nn.Module):
         source.to(engine.device)
     if isinstance(source, EMATeacher) and t_cfg.compile:        # the teacher too (no grad, bf16)

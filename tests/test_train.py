@@ -175,6 +175,36 @@ def test_resume_switching_fuse_ema_keeps_each_optimizer_itself(code_store, tmp_p
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_ce_backend_kernel_trains_as_the_torch_pass(code_store, tmp_path, monkeypatch):
+    """train.ce_backend=kernel (the C++ row pass on the CPU) gives the losses and weights of the PyTorch pass."""
+    from mirai import _ext
+    from mirai.config import ConfigError
+    real, calls = _ext.ext(), []
+
+    class Spy:                                                  # counts the row-pass kernel's calls
+        def __getattr__(self, name):
+            if name == "ce_softmax_grad_":
+                calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(_ext, "ext", lambda: Spy())
+    runs, used = {}, {}
+    for b in ("kernel", "torch"):
+        calls.clear()
+        runs[b] = _train(code_store, tmp_path / b, *MIRAI_E, "train.max_steps=2", "train.ckpt_every=2",
+                         f"train.ce_backend={b}")
+        used[b] = len(calls)
+    assert used["kernel"] > 0 and used["torch"] == 0
+    for a, b in zip(runs["kernel"].metrics, runs["torch"].metrics):
+        assert abs(a["ntp_loss"] - b["ntp_loss"]) <= 1e-5 * abs(b["ntp_loss"]), (a["step"], a["ntp_loss"], b["ntp_loss"])
+    ta, tb = _tensors(runs["kernel"].checkpoint), _tensors(runs["torch"].checkpoint)
+    for k in ta:
+        if k.startswith("model."):
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-6, msg=k)
+    with pytest.raises(ConfigError, match="train.ce_backend"):
+        _cfg(code_store, tmp_path / "bad", "train.ce_backend=cuda")
+
+
 def test_loader_shards_cover_the_global_batch_and_resume_mid_epoch(code_store):
     from mirai.trainer.data import Shard, TrainLoader
 

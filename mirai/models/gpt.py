@@ -209,9 +209,10 @@ class OutputHead(nn.Linear):
     through this module's ``__call__`` so that per-module parameter gathering (DeepSpeed ZeRO-3 hooks)
     sees the weight. State-dict name unchanged (``output.weight``)."""
 
-    def __init__(self, dim: int, vocab_size: int, chunk_size: int = 2048):
+    def __init__(self, dim: int, vocab_size: int, chunk_size: int = 2048, ce_backend: str = "auto"):
         super().__init__(dim, vocab_size, bias=False)
         self.chunk_size = chunk_size
+        self.ce_backend = ce_backend       # linear_cross_entropy's row-pass backend (the trainer sets it)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
@@ -221,7 +222,7 @@ class OutputHead(nn.Linear):
         if torch.is_autocast_enabled(x2.device.type):                 # as nn.Linear would run under autocast
             dtype = torch.get_autocast_dtype(x2.device.type)
         return linear_cross_entropy(x2.to(dtype), self.weight.to(dtype), targets.reshape(-1),  # [N]
-                                    chunk_size=self.chunk_size)
+                                    chunk_size=self.chunk_size, backend=self.ce_backend)
 
 
 class DropPath(nn.Module):

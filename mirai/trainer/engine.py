@@ -44,11 +44,14 @@ from mirai.trainer.distributed import Runtime
 class TrainModule(nn.Module):
     """GPT + foresight objective; see the module docstring for the forward contract."""
 
-    def __init__(self, gpt: nn.Module, objective: nn.Module | None = None, fused_ce: bool = True):
+    def __init__(self, gpt: nn.Module, objective: nn.Module | None = None, fused_ce: bool = True,
+                 ce_backend: str = "auto"):
         super().__init__()
         self.gpt = gpt
         self.objective = objective
         self.fused_ce = bool(fused_ce)      # loss via the chunked linear + CE (no logits materialised)
+        if hasattr(gpt, "output") and hasattr(gpt.output, "ce_backend"):
+            gpt.output.ce_backend = ce_backend  # its row pass: mirai._C kernel or PyTorch (train.ce_backend)
 
     @property
     def k(self) -> int:
