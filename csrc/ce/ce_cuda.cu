@@ -34,10 +34,13 @@ struct Tag {
   using type = T;
 };
 
+// VEC elements loaded or stored as one access: 16 bytes when VEC = 16 / sizeof(T), one element when VEC = 1.
 template <typename T, int VEC>
-struct alignas(16) Vec {
+struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
+static_assert(sizeof(Vec<at::BFloat16, 1>) == 2 && sizeof(Vec<at::BFloat16, 8>) == 16, "Vec is exactly VEC elements");
+static_assert(sizeof(Vec<float, 1>) == 4 && sizeof(Vec<float, 4>) == 16, "Vec is exactly VEC elements");
 
 __device__ __forceinline__ ce_math::MaxSum<float> shfl_merge(ce_math::MaxSum<float> a) {
 #pragma unroll
