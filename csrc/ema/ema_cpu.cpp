@@ -13,31 +13,16 @@
 
 #include <ATen/Parallel.h>
 
+#include "common/cpu_chunks.h"
 #include "ema/ema_kernels.h"
 #include "ema/ema_math.h"
-
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define MIRAI_EMA_X86 1
-#define MIRAI_EMA_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define MIRAI_EMA_X86 0
-#define MIRAI_EMA_ALWAYS_INLINE inline
-#endif
 
 namespace mirai {
 namespace {
 
-constexpr int64_t kChunk = 1 << 15;  // elements per parallel work item
-
-struct Chunk {
-  int64_t tensor;  // index into the lists
-  int64_t begin;   // first element
-  int64_t end;     // one past the last element
-};
-
 // Elements [begin, end) of one tensor. Inlined into both instantiations below.
 template <bool kBF16Param, bool kTeacher>
-MIRAI_EMA_ALWAYS_INLINE void chunk_body(float* __restrict ema, const void* __restrict param,
+MIRAI_CPU_ALWAYS_INLINE void chunk_body(float* __restrict ema, const void* __restrict param,
                                         uint16_t* __restrict teacher, int64_t begin, int64_t end, float d,
                                         float a) {
   for (int64_t i = begin; i < end; ++i) {
@@ -59,7 +44,7 @@ void chunk_generic(float* ema, const void* param, uint16_t* teacher, int64_t beg
   chunk_body<kBF16Param, kTeacher>(ema, param, teacher, begin, end, d, a);
 }
 
-#if MIRAI_EMA_X86
+#if MIRAI_CPU_X86
 // Same code compiled for AVX2+FMA: std::fma becomes one vfmadd instruction and the loop
 // vectorises (the baseline build targets plain x86-64, where std::fma is a libm call).
 template <bool kBF16Param, bool kTeacher>
@@ -67,17 +52,12 @@ __attribute__((target("avx2,fma"))) void chunk_fma(float* ema, const void* param
                                                    int64_t begin, int64_t end, float d, float a) {
   chunk_body<kBF16Param, kTeacher>(ema, param, teacher, begin, end, d, a);
 }
-
-bool cpu_has_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 #endif
 
 template <bool kBF16Param, bool kTeacher>
 void run_chunk(float* ema, const void* param, uint16_t* teacher, int64_t begin, int64_t end, float d, float a) {
-#if MIRAI_EMA_X86
-  if (cpu_has_fma()) {
+#if MIRAI_CPU_X86
+  if (cpu_chunks::has_avx2_fma()) {
     chunk_fma<kBF16Param, kTeacher>(ema, param, teacher, begin, end, d, a);
     return;
   }
@@ -98,16 +78,10 @@ void ema_update_cpu(const std::vector<at::Tensor>& ema, const std::vector<at::Te
     a = static_cast<float>(1.0 - v);
   }
 
-  std::vector<Chunk> chunks;
-  for (size_t i = 0; i < ema.size(); ++i) {
-    const int64_t n = ema[i].numel();
-    for (int64_t b = 0; b < n; b += kChunk) {
-      chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
-    }
-  }
+  const auto chunks = cpu_chunks::split(ema.size(), [&](size_t i) { return ema[i].numel(); });
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
-      const Chunk& ch = chunks[c];
+      const cpu_chunks::Chunk& ch = chunks[c];
       float* e = ema[ch.tensor].data_ptr<float>();
       const void* p = params[ch.tensor].data_ptr();
       uint16_t* t = nullptr;

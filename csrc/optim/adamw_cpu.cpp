@@ -6,10 +6,10 @@
 //   [g /= grad_scale]  AdamW (p, m, v)  [ema = ema_step(ema, p)  [teacher = bf16(ema)]]
 // and is written once. The chunk loop is instantiated per (grad dtype, ema, teacher,
 // grad_scale) combination; on x86-64 CPUs with AVX2+FMA it runs a copy compiled for
-// that target (hardware FMA), elsewhere the same loop with std::fma (a libm call).
-// The loop stays scalar: std::sqrt keeps errno semantics in this build, which
-// blocks GCC's vectoriser (the kernel is memory-bound on a GPU, and the CPU twin
-// exists for exactness, tests and CPU runs).
+// that target (hardware FMA), elsewhere the same loop with std::fma (a libm call);
+// chunking and that dispatch are common/cpu_chunks.h. GCC leaves this loop scalar
+// (building with -fno-math-errno did not change that); the kernel is memory-bound on a
+// GPU, and the CPU twin exists for exactness, tests and CPU runs.
 // Shapes: any; each tensor is treated as its flat contiguous buffer.
 // Dtypes: params, exp_avgs, exp_avg_sqs, ema float32; grads float32 or bfloat16;
 // teacher bfloat16. grad_scale: read once on the host (a CPU tensor).
@@ -19,27 +19,12 @@
 
 #include <ATen/Parallel.h>
 
+#include "common/cpu_chunks.h"
 #include "optim/adamw_kernels.h"
 #include "optim/adamw_math.h"
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define MIRAI_ADAMW_X86 1
-#define MIRAI_ADAMW_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define MIRAI_ADAMW_X86 0
-#define MIRAI_ADAMW_ALWAYS_INLINE inline
-#endif
-
 namespace mirai {
 namespace {
-
-constexpr int64_t kChunk = 1 << 15;  // elements per parallel work item
-
-struct Chunk {
-  int64_t tensor;  // index into the lists
-  int64_t begin;   // first element
-  int64_t end;     // one past the last element
-};
 
 // Data pointers of one index (ema / teacher nullptr when absent).
 struct Ptrs {
@@ -53,7 +38,7 @@ struct Ptrs {
 
 // Elements [begin, end) of one index. Inlined into both instantiations below.
 template <bool kBF16Grad, bool kEma, bool kTeacher, bool kScale>
-MIRAI_ADAMW_ALWAYS_INLINE void chunk_body(const Ptrs& x, int64_t begin, int64_t end,
+MIRAI_CPU_ALWAYS_INLINE void chunk_body(const Ptrs& x, int64_t begin, int64_t end,
                                           const adamw_math::AdamWCoeffs& c, float scale) {
   float* __restrict p = x.p;
   float* __restrict m = x.m;
@@ -86,7 +71,7 @@ void chunk_generic(const Ptrs& x, int64_t begin, int64_t end, const adamw_math::
   chunk_body<kBF16Grad, kEma, kTeacher, kScale>(x, begin, end, c, scale);
 }
 
-#if MIRAI_ADAMW_X86
+#if MIRAI_CPU_X86
 // Same code compiled for AVX2+FMA: std::fma becomes one vfmadd instruction (the
 // baseline build targets plain x86-64, where std::fma is a libm call).
 template <bool kBF16Grad, bool kEma, bool kTeacher, bool kScale>
@@ -94,17 +79,12 @@ __attribute__((target("avx2,fma"))) void chunk_fma(const Ptrs& x, int64_t begin,
                                                    const adamw_math::AdamWCoeffs& c, float scale) {
   chunk_body<kBF16Grad, kEma, kTeacher, kScale>(x, begin, end, c, scale);
 }
-
-bool cpu_has_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 #endif
 
 template <bool kBF16Grad, bool kEma, bool kTeacher, bool kScale>
 void run_chunk(const Ptrs& x, int64_t begin, int64_t end, const adamw_math::AdamWCoeffs& c, float scale) {
-#if MIRAI_ADAMW_X86
-  if (cpu_has_fma()) {
+#if MIRAI_CPU_X86
+  if (cpu_chunks::has_avx2_fma()) {
     chunk_fma<kBF16Grad, kEma, kTeacher, kScale>(x, begin, end, c, scale);
     return;
   }
@@ -123,16 +103,10 @@ void with_flag(bool flag, F&& f) {
 
 void adamw_ema_step_cpu(const AdamWLists& lists, const adamw_math::AdamWCoeffs& coeffs, const float* grad_scale) {
   const float scale = grad_scale != nullptr ? *grad_scale : 1.f;
-  std::vector<Chunk> chunks;
-  for (size_t i = 0; i < lists.params.size(); ++i) {
-    const int64_t n = lists.params[i].numel();
-    for (int64_t b = 0; b < n; b += kChunk) {
-      chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
-    }
-  }
+  const auto chunks = cpu_chunks::split(lists.params.size(), [&](size_t i) { return lists.params[i].numel(); });
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      const Chunk& ch = chunks[k];
+      const cpu_chunks::Chunk& ch = chunks[k];
       const size_t i = static_cast<size_t>(ch.tensor);
       const bool ema = lists.has_ema(i);
       const bool teacher = lists.has_teacher(i);
