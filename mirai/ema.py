@@ -49,10 +49,11 @@ WARMUPS = {
 NamedTensors = nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
-def _named_params(src: NamedTensors, what: str) -> "OrderedDict[str, torch.Tensor]":
-    """name -> tensor from a module (its named_parameters), a mapping, or (name, tensor) pairs."""
+def _named_params(src: NamedTensors, what: str, detach: bool = True) -> "OrderedDict[str, torch.Tensor]":
+    """name -> tensor from a module (its named_parameters), a mapping, or (name, tensor) pairs; detached
+    views unless ``detach=False`` (the parameter objects themselves)."""
     if isinstance(src, nn.Module):
-        return OrderedDict((n, p.detach()) for n, p in src.named_parameters())
+        return OrderedDict((n, p.detach() if detach else p) for n, p in src.named_parameters())
     items = src.items() if isinstance(src, Mapping) else src
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for item in items:
@@ -63,7 +64,7 @@ def _named_params(src: NamedTensors, what: str) -> "OrderedDict[str, torch.Tenso
         name, t = item
         if name in out:
             raise ValueError(f"{what}: duplicate name '{name}'")
-        out[name] = t.detach()
+        out[name] = t.detach() if detach else t
     return out
 
 
@@ -125,15 +126,7 @@ class ModelEMA:
         ``step`` (optional) is the number of updates done before this one; by default the
         internal counter ``num_updates``. Afterwards ``num_updates = step + 1``.
         """
-        params = _named_params(module_or_named_params, "ModelEMA.update")
-        missing = [n for n in self._names if n not in params]
-        if missing:
-            raise KeyError(f"ModelEMA.update: parameter '{missing[0]}' has an EMA shadow but is missing from the "
-                           f"given parameters ({len(missing)} missing)")
-        if len(params) != len(self._names):
-            extra = next(n for n in params if n not in self.shadow)
-            raise KeyError(f"ModelEMA.update: parameter '{extra}' has no EMA shadow (it was not there when the "
-                           "EMA was created)")
+        params = self._matching(module_or_named_params, "ModelEMA.update")
         t = self.num_updates if step is None else int(step)
         decay = self.decay_at(t)
         try:
@@ -155,19 +148,23 @@ class ModelEMA:
         """(parameter, fp32 shadow, bf16 teacher tensor or None) per averaged parameter, for an
         optimizer that applies the EMA in its own pass (``mirai.optim.AdamWEMA.attach_ema``).
         The caller then reports each such update with ``mark_updated``."""
-        src = module_or_named_params
-        if not isinstance(src, (nn.Module, Mapping)):
-            src = list(src)                                                   # read twice below
-        _named_params(src, "ModelEMA.fused_pairs")                            # validates the form
-        items = src.named_parameters() if isinstance(src, nn.Module) else (src.items() if isinstance(src, Mapping)
-                                                                           else src)
-        params = dict(items)          # the parameter objects themselves: the optimizer knows them, not detached views
-        missing = [n for n in self._names if n not in params]
-        if missing or len(params) != len(self._names):
-            raise KeyError(f"ModelEMA.fused_pairs: the parameters do not match the EMA's shadows "
-                           f"(first missing: {missing[:1] or [next(n for n in params if n not in self.shadow)]})")
+        # the parameter objects themselves (the optimizer knows them), not detached views
+        params = self._matching(module_or_named_params, "ModelEMA.fused_pairs", detach=False)
         teacher = self._teacher or [None] * len(self._names)
         return [(params[n], self.shadow[n], t) for n, t in zip(self._names, teacher)]
+
+    def _matching(self, src: NamedTensors, what: str, detach: bool = True) -> "OrderedDict[str, torch.Tensor]":
+        """``_named_params(src)``, checked to name exactly the parameters that have shadows."""
+        params = _named_params(src, what, detach)
+        missing = [n for n in self._names if n not in params]
+        if missing:
+            raise KeyError(f"{what}: parameter '{missing[0]}' has an EMA shadow but is missing from the "
+                           f"given parameters ({len(missing)} missing)")
+        if len(params) != len(self._names):
+            extra = next(n for n in params if n not in self.shadow)
+            raise KeyError(f"{what}: parameter '{extra}' has no EMA shadow (it was not there when the "
+                           "EMA was created)")
+        return params
 
     def mark_updated(self, step: int) -> None:
         """Book an update applied elsewhere (by a fused optimizer, with ``decay_at(step)``)."""
