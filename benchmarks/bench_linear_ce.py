@@ -3,14 +3,14 @@
 Two levels, each provider validated before it is timed:
   row pass   one chunk of logits z [C, V] (bf16 on CUDA) -> row losses and the gradient over z:
              ``kernel`` (``mirai._C.ce_softmax_grad_``: reads z for the statistics, reads and
-             writes it for the gradient: 3 * C * V * elem bytes) against ``torch`` (log_softmax in
-             fp32 + exp_ + scatter_add_ + scaling cast, as linear_ce does without the kernel: about
-             C * V * (2 + 4 + 8 + 4 + 2) bytes). GB/s counts the kernel's 3 passes for both, so the
+             writes it for the gradient: 3 * C * V * elem bytes) against ``torch``
+             (``linear_ce.row_pass_torch``: log_softmax in fp32 + exp_ + scatter_add_ + scaling
+             cast: about C * V * (2 + 4 + 8 + 4 + 2) bytes). GB/s counts the kernel's 3 passes for both, so the
              torch figure is what it would need to match, against the measured copy bandwidth.
   whole op   ``linear_cross_entropy`` forward + backward over N tokens (GEMMs included) with
              ``backend="kernel"`` and ``backend="torch"``; ms and peak extra memory.
-Validation: the row pass against a float64 log_softmax reference (loss rtol 1e-5; gradient within
-bf16 resolution of the largest entry), the whole op's loss and gradients against backend="torch".
+Validation: the row pass against ``linear_ce.row_pass_reference`` (float64; loss rtol 1e-5, gradient
+within bf16 resolution of the largest entry), the whole op's loss and gradients against backend="torch".
 
 Shapes: GPT-B (N = 32 x 256 tokens, D = 768) and GPT-XXL (N = 16 x 256, D = 1536), V = 16,384 codes,
 chunks of 2,048 rows (the op's default).
@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,25 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_jsonl, copy_bandwidth_gbs, env_record, print_table, time_fn  # noqa: E402
 
 from mirai import _ext  # noqa: E402
-from mirai.ops.linear_ce import DEFAULT_CHUNK_SIZE, linear_cross_entropy  # noqa: E402
+from mirai.ops.linear_ce import (DEFAULT_CHUNK_SIZE, linear_cross_entropy, row_pass_reference,  # noqa: E402
+                                 row_pass_torch)
 
 SHAPES = {"GPT-B": dict(n=32 * 256, d=768, v=16384), "GPT-XXL": dict(n=16 * 256, d=1536, v=16384)}
 SMALL = {"small": dict(n=300, d=32, v=1000)}
 
 
-def torch_row_pass(z: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """linear_ce's plain-PyTorch row pass: (row losses, gradient in z's dtype)."""
-    logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)
-    loss = -(logp.gather(1, t[:, None])[:, 0] * w)
-    g = logp.exp_()
-    g.scatter_add_(1, t[:, None], torch.full_like(t[:, None], -1, dtype=g.dtype))
-    return loss, torch.mul(g, w[:, None], out=torch.empty_like(g, dtype=z.dtype))
-
-
 def row_pass_check(z, t, w) -> str:
-    logp = torch.log_softmax(z.double(), dim=-1)
-    want_loss = -logp.gather(1, t[:, None])[:, 0] * w.double()
-    want_grad = (logp.exp() - F.one_hot(t, z.shape[1]).double()) * w.double()[:, None]
+    want_loss, want_grad = row_pass_reference(z, t, w)
     zz = z.clone()
     loss = _ext.ext().ce_softmax_grad_(zz, t, w, True)
     err_l = ((loss.double() - want_loss).abs().max() / want_loss.abs().max()).item()
@@ -121,7 +110,7 @@ def main(argv=None) -> None:
         work = z.clone()
         pass_bytes = 3 * c * s["v"] * elem
         for provider, fn in (("kernel", lambda: _ext.ext().ce_softmax_grad_(work.copy_(z), t, w, True)),
-                             ("torch", lambda: torch_row_pass(work.copy_(z), t, w))):
+                             ("torch", lambda: row_pass_torch(work.copy_(z), t, w))):
             copy_ms = time_fn(lambda: work.copy_(z), device, args.warmup, args.iters).median_ms
             ms = time_fn(fn, device, args.warmup, args.iters).median_ms - copy_ms   # the refill is not the op's
             rows.append(dict(shape=name, level="row pass", provider=provider, ms=ms,

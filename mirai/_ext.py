@@ -2,12 +2,14 @@
 
 ``ext()`` returns the module or ``None``. When the extension is missing (not
 built, or ``MIRAI_DISABLE_EXT=1``) every op falls back to its PyTorch reference;
-``warn_fallback`` says so once per op and reason.
+``warn_fallback`` says so once per op and reason. ``self_checked`` runs and remembers
+each op's one-time check of its CUDA kernels on a device.
 """
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 
 import torch  # noqa: F401  (loads libc10 / libtorch before the extension)
@@ -24,6 +26,7 @@ else:
         _LOAD_ERROR = f"{type(err).__name__}: {err}"
 
 _WARNED: set[tuple[str, str]] = set()
+_SELF_CHECKS: dict[tuple[str, str], str] = {}
 
 
 def ext() -> ModuleType | None:
@@ -61,3 +64,19 @@ def warn_fallback(op: str, reason: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(f"mirai: {op} falls back: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def self_checked(op: str, device: str, check: Callable[[], str]) -> str:
+    """Why `op`'s CUDA kernels must not run on `device`, or "" when they may: ``check()`` (the op's
+    comparison against its PyTorch formulation), run the first time and remembered per (op, device),
+    so a kernel that computes wrong numbers on some GPU is never used there. While the check runs the
+    answer is "", so the check may call the op it checks."""
+    key = (op, device)
+    if key not in _SELF_CHECKS:
+        _SELF_CHECKS[key] = ""
+        try:
+            _SELF_CHECKS[key] = check()
+        except BaseException:
+            del _SELF_CHECKS[key]
+            raise
+    return _SELF_CHECKS[key]

@@ -368,9 +368,13 @@ def test_bad_inputs_raise_with_clear_messages(backend, monkeypatch):
 @needs_ext
 def test_self_check_accepts_the_kernel_and_catches_a_wrong_one(monkeypatch):
     from mirai.ops import adamw as ops_adamw
-    monkeypatch.setattr(ops_adamw, "_SELF_CHECKS", {})
+    monkeypatch.setattr(_ext, "_SELF_CHECKS", {})
     real = _ext.ext()
-    assert ops_adamw._self_check(real, "cpu") is None      # the kernel agrees with the foreach formulation
+
+    def checked(C):                                         # what the op asks on a CUDA device
+        return _ext.self_checked("adamw_ema_step_", "cpu", lambda: ops_adamw._check_kernel(C, "cpu"))
+
+    assert checked(real) == ""                              # the kernel agrees with the foreach formulation
 
     class NoDecay:                                          # a kernel that forgets the weight decay
         @staticmethod
@@ -379,11 +383,11 @@ def test_self_check_accepts_the_kernel_and_catches_a_wrong_one(monkeypatch):
             args[10] = 0.0
             return real.adamw_ema_step_(*args)
 
-    assert ops_adamw._self_check(NoDecay, "cpu") is None    # remembered per device: not run again
-    monkeypatch.setattr(ops_adamw, "_SELF_CHECKS", {})
-    reason = ops_adamw._self_check(NoDecay, "cpu")
-    assert reason is not None and reason.startswith("its self-check on cpu disagreed")
-    assert ops_adamw._SELF_CHECKS == {"cpu": reason}
+    assert checked(NoDecay) == ""                           # remembered per device: not run again
+    monkeypatch.setattr(_ext, "_SELF_CHECKS", {})
+    reason = checked(NoDecay)
+    assert reason.startswith("its self-check on cpu disagreed")
+    assert _ext._SELF_CHECKS == {("adamw_ema_step_", "cpu"): reason}
 
 
 # ----------------------------------------------------------------------------------- fallback

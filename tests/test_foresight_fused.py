@@ -168,7 +168,7 @@ def test_schedule_memory_matches_plan_bytes_cpu():
 
 
 def test_self_check_accepts_the_kernels_and_catches_a_wrong_one(monkeypatch):
-    monkeypatch.setattr(fs, "_SELF_CHECKS", {})
+    monkeypatch.setattr(_ext, "_SELF_CHECKS", {})
     state = torch.get_rng_state()
     assert fs._self_check("cpu") == ""                    # the C++ kernels agree with the reference
     assert torch.equal(torch.get_rng_state(), state)      # the caller's random stream is untouched
@@ -182,11 +182,11 @@ def test_self_check_accepts_the_kernels_and_catches_a_wrong_one(monkeypatch):
                 out[2].mul_(0.5)
             return out
 
-    monkeypatch.setattr(fs, "_SELF_CHECKS", {})
+    monkeypatch.setattr(_ext, "_SELF_CHECKS", {})
     monkeypatch.setattr(_ext, "ext", lambda: Wrong)
     reason = fs._self_check("cpu")
     assert reason.startswith("its self-check on cpu disagreed with the reference") and ", h:" in reason
-    assert fs._SELF_CHECKS == {"cpu": reason}
+    assert _ext._SELF_CHECKS == {("foresight_loss", "cpu"): reason}
 
 
 def test_fused_plan_budget_and_fewest_iterations():

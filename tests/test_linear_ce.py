@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mirai import _ext
-from mirai.ops.linear_ce import _linear_ce_op, linear_cross_entropy, linear_cross_entropy_reference
+from mirai.ops.linear_ce import (_linear_ce_op, linear_cross_entropy, linear_cross_entropy_reference,
+                                 row_pass_reference, row_pass_torch)
 
 
 def problem(n: int = 37, d: int = 16, v: int = 50, dtype=torch.float64, seed: int = 0, ignore_every: int = 5):
@@ -133,14 +134,6 @@ def test_custom_op_registration_and_compiled_caller_without_graph_break():
             torch.testing.assert_close(a, b)
 
 
-def softmax_grad_reference(z: torch.Tensor, targets: torch.Tensor, row_w: torch.Tensor):
-    """(row loss, gradient over z) of the row pass, in float64."""
-    logp = torch.log_softmax(z.double(), dim=-1)
-    loss = -logp.gather(1, targets[:, None])[:, 0] * row_w.double()
-    grad = (logp.exp() - F.one_hot(targets, z.shape[1]).double()) * row_w.double()[:, None]
-    return loss, grad
-
-
 @pytest.mark.skipif(not _ext.has_op("ce_softmax_grad_"), reason="mirai._C not built")
 def test_row_pass_kernel_odd_widths_ignored_rows_and_errors():
     C = _ext.ext()
@@ -151,7 +144,7 @@ def test_row_pass_kernel_odd_widths_ignored_rows_and_errors():
         t = torch.randint(0, v, (7,), generator=g)
         w = torch.full((7,), 1 / 5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         w[2] = 0                                                          # an ignored row
-        want_loss, want_grad = softmax_grad_reference(z, t, w)
+        want_loss, want_grad = row_pass_reference(z, t, w)
         zz = z.clone()
         loss = C.ce_softmax_grad_(zz, t, w, False)                        # loss only: z untouched
         assert torch.equal(zz, z)
@@ -160,6 +153,10 @@ def test_row_pass_kernel_odd_widths_ignored_rows_and_errors():
         assert loss.dtype == w.dtype and zz.dtype == dtype
         torch.testing.assert_close(zz.double(), want_grad, rtol=tol, atol=tol * want_grad.abs().max().item())
         assert torch.count_nonzero(zz[2]) == 0 and loss[2] == 0
+        loss_t, grad_t = row_pass_torch(z, t, w)                          # the PyTorch pass, same contract
+        torch.testing.assert_close(loss_t.double(), want_loss, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+        torch.testing.assert_close(grad_t.double(), want_grad, rtol=tol, atol=tol * want_grad.abs().max().item())
+        assert grad_t.dtype == dtype and row_pass_torch(z, t, w, need_grad=False)[1] is None
     z, t, w = torch.randn(3, 10), torch.tensor([1, 2, 3]), torch.ones(3)
     with pytest.raises(RuntimeError, match=r"targets must lie in \[0, V\) = \[0, 10\)"):
         C.ce_softmax_grad_(z, torch.tensor([1, 10, 3]), w, True)
@@ -175,7 +172,7 @@ def test_row_pass_kernel_odd_widths_ignored_rows_and_errors():
 
 def test_self_check_accepts_the_kernel_and_catches_a_wrong_one(monkeypatch):
     import mirai.ops.linear_ce as lce
-    monkeypatch.setattr(lce, "_SELF_CHECKS", {})
+    monkeypatch.setattr(_ext, "_SELF_CHECKS", {})
     assert lce._self_check("cpu") == ""                                   # the CPU twin agrees with PyTorch
 
     real = _ext.ext()
@@ -185,11 +182,11 @@ def test_self_check_accepts_the_kernel_and_catches_a_wrong_one(monkeypatch):
         def ce_softmax_grad_(z, t, w, need_grad):
             return real.ce_softmax_grad_(z, t, torch.ones_like(w), need_grad)
 
-    monkeypatch.setattr(lce, "_SELF_CHECKS", {})
+    monkeypatch.setattr(_ext, "_SELF_CHECKS", {})
     monkeypatch.setattr(_ext, "ext", lambda: Wrong)
     reason = lce._self_check("cpu")
     assert reason.startswith("its self-check on cpu disagreed with PyTorch")
-    assert lce._SELF_CHECKS["cpu"] == reason                              # remembered: checked once per device
+    assert _ext._SELF_CHECKS[("linear_cross_entropy", "cpu")] == reason   # remembered: checked once per device
 
 
 def test_backend_choice_and_fallback(monkeypatch):

@@ -34,7 +34,7 @@ Backends, chosen by the params' device:
   * ``mirai._C`` CUDA kernel for CUDA tensors: one launch for all tensors (device-side table,
     16-byte vector loads where every tensor of an index is 16-byte aligned, scalar tail), used on
     a device once it has passed a self-check there against the foreach formulation
-    (``_self_check``, run the first time, remembered; a kernel that fails it is never used on
+    (``_check_kernel``, run the first time, remembered; a kernel that fails it is never used on
     that device and the fallback below runs, with its warning);
   * fallback (extension missing or without this op, ``MIRAI_DISABLE_EXT=1``, extension built
     without CUDA, other devices): the same formulas with ``torch._foreach_*`` ops, then
@@ -123,22 +123,19 @@ def _fallback_reason(C, params: list[torch.Tensor]) -> str | None:
     if device.type == "cpu":
         return None
     if device.type == "cuda":
-        return _self_check(C, str(device)) if _ext.has_cuda() else "extension built without CUDA kernels"
+        if not _ext.has_cuda():
+            return "extension built without CUDA kernels"
+        return _ext.self_checked(_OP, str(device), lambda: _check_kernel(C, str(device))) or None
     return f"no kernel for device type {device.type!r}"
 
 
-_SELF_CHECKS: dict[str, str | None] = {}
-
-
 @torch.no_grad()
-def _self_check(C, device: str) -> str | None:
-    """Run the kernel once on `device` against the foreach formulation on the CPU (odd sizes, a
-    misaligned view, fp32 and bf16 grads, grad_scale, EMA and teacher, three steps): None when
-    params, moments, EMA and teacher agree within float32 rounding, else why not. Remembered per
-    device, so a kernel that computes wrong numbers on some GPU is never used there (the op warns
-    and runs the foreach formulation instead)."""
-    if device in _SELF_CHECKS:
-        return _SELF_CHECKS[device]
+def _check_kernel(C, device: str) -> str:
+    """The kernel on `device` against the foreach formulation on the CPU (odd sizes, a misaligned
+    view, fp32 and bf16 grads, grad_scale, EMA and teacher, three steps): "" when params, moments,
+    EMA and teacher agree within float32 rounding, else why not. Run once per device and remembered
+    (``mirai._ext.self_checked``), so a kernel that computes wrong numbers on some GPU is never used
+    there (the op warns and runs the foreach formulation instead)."""
     gen = torch.Generator().manual_seed(0)
     sizes = (4099, 1023, 8)
     base = torch.randn(sum(sizes) + 1, generator=gen)
@@ -160,20 +157,15 @@ def _self_check(C, device: str) -> str | None:
         for fn, dev, (p, m, v, e, t) in zip((_adamw_ema_step_foreach_, C.adamw_ema_step_), ("cpu", device), states):
             g = [x.to(dev) for x in grads]
             fn(p, g, m, v, e, t, 1e-3, 0.9, 0.95, 1e-8, 0.05, bc1, bc2, scale.to(dev), 0.99)
-    reason = None
     for name, want, got in zip(("params", "exp_avgs", "exp_avg_sqs", "ema", "teacher"), states[0], states[1]):
         for i, (a, b) in enumerate(zip(want, got)):
             a, b = a.double(), b.double().cpu()
             tol = 2.0 ** -7 if name == "teacher" else 1e-5
             if not torch.allclose(b, a, rtol=tol, atol=tol * a.abs().max().item() * 0.1):
                 err = (b - a).abs().max().item()
-                reason = (f"its self-check on {device} disagreed with the foreach formulation ({name}[{i}]: "
-                          f"max error {err:.1e})")
-                break
-        if reason:
-            break
-    _SELF_CHECKS[device] = reason
-    return reason
+                return (f"its self-check on {device} disagreed with the foreach formulation ({name}[{i}]: "
+                        f"max error {err:.1e})")
+    return ""
 
 
 def check_inputs(params, grads, exp_avgs, exp_avg_sqs, ema, teacher, lr, beta1, beta2, eps, weight_decay,

@@ -180,19 +180,18 @@ def _fused_unavailable(h: Tensor, heads, teacher: Tensor) -> str | None:
     return None
 
 
-_SELF_CHECKS: dict[str, str] = {}
-
-
 @torch.compiler.assume_constant_result  # under torch.compile evaluated once, not traced
 def _self_check(device: str) -> str:
-    """Run the fused op once on `device` against the reference, in fp32 (TF32 off), on a small case
-    with a masked target row, all heads at once and one head at a time over three chunks: "" when
-    the loss and every gradient agree, else why not. Remembered per device, so kernels that compute
-    wrong numbers on some GPU are never used there (``foresight_loss`` warns and falls back).
-    The caller's RNG state, autocast and grad mode are left as they were."""
-    if device in _SELF_CHECKS:
-        return _SELF_CHECKS[device]
-    _SELF_CHECKS[device] = ""  # the fused calls below ask again: let them through
+    """Why the fused kernels must not run on `device` ("" when they may): ``_check_kernels``, run once
+    per device and remembered (``mirai._ext.self_checked``); ``foresight_loss`` then warns and falls back."""
+    return _ext.self_checked("foresight_loss", device, lambda: _check_kernels(device))
+
+
+def _check_kernels(device: str) -> str:
+    """The fused op on `device` against the reference, in fp32 (TF32 off), on a small case with a
+    masked target row, all heads at once and one head at a time over three chunks: "" when the loss
+    and every gradient agree, else why not. The caller's RNG state, autocast and grad mode are left
+    as they were."""
     from mirai.foresight.heads import ForesightHeads
     from mirai.ops.reference import foresight_loss_reference
 
@@ -206,7 +205,6 @@ def _self_check(device: str) -> str:
     table[1, 3:9] = -1
     table, coeffs = table.to(device), torch.tensor([1.0, 2.0, 0.5], device=device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    reason = ""
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
         with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
@@ -224,15 +222,11 @@ def _self_check(device: str) -> str:
                 for name, got, ref in zip(names, run(group_heads=groups, chunk_tokens=chunk), want):
                     err = (got.double() - ref.double()).abs().max().item()
                     if not err <= 1e-4 * ref.double().abs().max().item() + 1e-6:
-                        reason = (f"its self-check on {device} disagreed with the reference ({groups} heads x "
-                                  f"{chunk} tokens, {name}: max error {err:.1e})")
-                        break
-                if reason:
-                    break
+                        return (f"its self-check on {device} disagreed with the reference ({groups} heads x "
+                                f"{chunk} tokens, {name}: max error {err:.1e})")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    _SELF_CHECKS[device] = reason
-    return reason
+    return ""
 
 
 def plan_bytes(n_tokens: int, k: int, hidden: int, in_dim: int, out_dim: int, elem_bytes: int,
@@ -257,26 +251,35 @@ def fused_plan(n_tokens: int, k: int, hidden: int, in_dim: int, out_dim: int, el
     best: tuple[int, int, int, int] | None = None  # (iterations, -G, n_chunks, chunk)
     candidates = range(k, 0, -1) if group_heads is None else [max(1, min(int(group_heads), k))]
     for g in candidates:
-        groups = -(-k // g)
-        n_chunks, prev = 0, None
-        while True:
-            n_chunks += 1
-            chunk = min(n, -(-(-(-n // n_chunks)) // 64) * 64)
-            if chunk == prev:
-                if chunk <= 64:
-                    break  # the smallest chunk did not fit either
-                continue
-            prev = chunk
-            real_chunks = -(-n // chunk)
-            key = (groups * real_chunks, -g, real_chunks, chunk)
+        groups = _ceil_div(k, g)
+        for chunk in _chunk_sizes(n):
+            n_chunks = _ceil_div(n, chunk)
+            key = (groups * n_chunks, -g, n_chunks, chunk)
             if best is not None and key >= best:
-                break  # more chunks only cost more iterations from here
+                break  # smaller chunks only cost more iterations from here
             if plan_bytes(n, k, hidden, in_dim, out_dim, elem_bytes, g, chunk) <= budget_bytes:
                 best = key
                 break
     if best is None:
         return candidates[-1], min(n, 64)
     return -best[1], best[3]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _chunk_sizes(n: int):
+    """The distinct chunk sizes of n tokens, largest first: equal splits into 1, 2, ... parts, each
+    rounded up to a multiple of 64 (at most n), down to the first that is 64 or less."""
+    prev = None
+    for parts in range(1, n + 1):
+        chunk = min(n, _ceil_div(_ceil_div(n, parts), 64) * 64)
+        if chunk != prev:
+            yield chunk
+            prev = chunk
+        if chunk <= 64:
+            return
 
 
 _PLANS: dict[tuple, tuple[int, int]] = {}

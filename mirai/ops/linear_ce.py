@@ -85,35 +85,58 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 BACKENDS = ("auto", "kernel", "torch")
 
 
-_SELF_CHECKS: dict[str, str] = {}
+def row_pass_torch(z: torch.Tensor, targets: torch.Tensor, row_w: torch.Tensor, need_grad: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The row pass in plain PyTorch: (row losses -log_softmax(z)[t] * w [C] in the accumulation dtype,
+    gradient (softmax(z) - onehot(t)) * w [C, V] in z's dtype, or None without need_grad), for logits
+    z [C, V], targets [C] int64 in [0, V) and row weights [C] in the accumulation dtype. What
+    ``mirai._C.ce_softmax_grad_`` computes in one kernel (log_softmax to fp32, exp_, scatter_add_, a
+    scaling cast: five passes over [C, V] and an fp32 copy of it)."""
+    logp = torch.log_softmax(z, dim=-1, dtype=_acc_dtype(z.dtype))           # [C, V] acc dtype
+    row_loss = -logp.gather(1, targets[:, None])[:, 0] * row_w                # [C]
+    if not need_grad:
+        return row_loss, None
+    g = logp.exp_()                                                           # softmax, in place
+    g.scatter_add_(1, targets[:, None], torch.full_like(targets[:, None], -1, dtype=g.dtype))  # - onehot(target)
+    if g.dtype == z.dtype:
+        return row_loss, g.mul_(row_w[:, None])                               # [C, V]
+    return row_loss, torch.mul(g, row_w[:, None], out=torch.empty_like(g, dtype=z.dtype))  # scaled + cast
+
+
+def row_pass_reference(z: torch.Tensor, targets: torch.Tensor, row_w: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row losses, gradient over z) of the row pass in float64: what the kernel is checked against."""
+    logp = torch.log_softmax(z.double(), dim=-1)
+    loss = -logp.gather(1, targets[:, None])[:, 0] * row_w.double()
+    grad = (logp.exp() - F.one_hot(targets, z.shape[1]).double()) * row_w.double()[:, None]
+    return loss, grad
 
 
 def _self_check(device: str) -> str:
-    """Run the row-pass kernel once on `device` against the plain PyTorch pass (bf16 logits of
-    16,384 codes on the vectorised path, fp32 logits of 1,001 codes on the scalar one): "" when they
-    agree, else why not. Remembered per device, so a kernel that computes wrong numbers on some GPU
-    is never used there (the op warns and runs the PyTorch pass instead)."""
-    if device not in _SELF_CHECKS:
-        from mirai import _ext
-        gen = torch.Generator().manual_seed(0)
-        reason = ""
-        for v, dtype in ((16384, torch.bfloat16), (1001, torch.float32)):
-            z = (torch.randn(6, v, generator=gen) * 3).to(device=device, dtype=dtype)
-            t = torch.randint(0, v, (6,), generator=gen).to(device)
-            w = torch.rand(6, generator=gen).to(device)
-            logp = torch.log_softmax(z.double(), dim=-1)
-            want_loss = -logp.gather(1, t[:, None])[:, 0] * w.double()
-            want_grad = (logp.exp() - F.one_hot(t, v).double()) * w.double()[:, None]
-            got = z.clone()
-            loss = _ext.ext().ce_softmax_grad_(got, t, w, True)
-            err_l = ((loss.double() - want_loss).abs().max() / want_loss.abs().max()).item()
-            err_g = ((got.double() - want_grad).abs().max() / want_grad.abs().max()).item()
-            if not (err_l <= 1e-5 and err_g <= (2.0 ** -7 if dtype == torch.bfloat16 else 1e-5)):
-                reason = (f"its self-check on {device} disagreed with PyTorch ({dtype}, V = {v}: loss error "
-                          f"{err_l:.1e}, gradient error {err_g:.1e})")
-                break
-        _SELF_CHECKS[device] = reason
-    return _SELF_CHECKS[device]
+    """Why the row-pass kernel must not run on `device` ("" when it may): ``_check_kernel``, run once per
+    device and remembered (``mirai._ext.self_checked``); the op then warns and runs the PyTorch pass."""
+    from mirai import _ext
+    return _ext.self_checked("linear_cross_entropy", device, lambda: _check_kernel(device))
+
+
+def _check_kernel(device: str) -> str:
+    """The row-pass kernel on `device` against ``row_pass_reference`` (bf16 logits of 16,384 codes on the
+    vectorised path, fp32 logits of 1,001 codes on the scalar one): "" when they agree, else why not."""
+    from mirai import _ext
+    gen = torch.Generator().manual_seed(0)
+    for v, dtype in ((16384, torch.bfloat16), (1001, torch.float32)):
+        z = (torch.randn(6, v, generator=gen) * 3).to(device=device, dtype=dtype)
+        t = torch.randint(0, v, (6,), generator=gen).to(device)
+        w = torch.rand(6, generator=gen).to(device)
+        want_loss, want_grad = row_pass_reference(z, t, w)
+        got = z.clone()
+        loss = _ext.ext().ce_softmax_grad_(got, t, w, True)
+        err_l = ((loss.double() - want_loss).abs().max() / want_loss.abs().max()).item()
+        err_g = ((got.double() - want_grad).abs().max() / want_grad.abs().max()).item()
+        if not (err_l <= 1e-5 and err_g <= (2.0 ** -7 if dtype == torch.bfloat16 else 1e-5)):
+            return (f"its self-check on {device} disagreed with PyTorch ({dtype}, V = {v}: loss error "
+                    f"{err_l:.1e}, gradient error {err_g:.1e})")
+    return ""
 
 
 @torch.compiler.assume_constant_result  # evaluated (not traced) when a compiled model calls the op
@@ -154,7 +177,7 @@ def _linear_ce_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     with torch.autocast(hidden.device.type, enabled=False):                   # dtypes are the caller's
         for s in range(0, N, chunk_size):
             e = min(s + chunk_size, N)
-            dw_c = _chunk(hidden[s:e], weight, safe_t[s:e, None], row_w[s:e, None], loss,
+            dw_c = _chunk(hidden[s:e], weight, safe_t[s:e], row_w[s:e], loss,
                           dhidden[s:e] if need_dhidden else None, need_dweight, use_kernel)
             if dw_c is not None:
                 dweight = dw_c if dweight is None else dweight.add_(dw_c)
@@ -165,28 +188,20 @@ def _linear_ce_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 def _chunk(h_c: torch.Tensor, weight: torch.Tensor, t_c: torch.Tensor, rw_c: torch.Tensor, loss: torch.Tensor,
            dh_c: torch.Tensor | None, need_dweight: bool, use_kernel: bool) -> torch.Tensor | None:
-    """One chunk of C rows: ``h_c [C, D]``, ``t_c [C, 1]`` (ignored rows hold 0), ``rw_c [C, 1]`` row
+    """One chunk of C rows: ``h_c [C, D]``, ``t_c [C]`` (ignored rows hold 0), ``rw_c [C]`` row
     weights. Adds into ``loss`` [], writes ``dh_c [C, D]`` (when given) and returns the chunk's
     ``dweight`` contribution ``[V, D]`` in the loss dtype (when ``need_dweight``)."""
     need_grad = dh_c is not None or need_dweight
+    z = h_c @ weight.t()                                                      # [C, V] logits, input dtype
     if use_kernel:
         from mirai import _ext
-        g = h_c @ weight.t()                                                  # [C, V] logits, input dtype
-        row_loss = _ext.ext().ce_softmax_grad_(g, t_c.view(-1), rw_c.view(-1), need_grad)  # g <- d loss / dz
-        loss.add_(row_loss.sum())
-        if not need_grad:
-            return None
+        row_loss = _ext.ext().ce_softmax_grad_(z, t_c, rw_c, need_grad)        # [C]; z <- d loss / d z
+        g = z
     else:
-        logp = torch.log_softmax(h_c @ weight.t(), dim=-1, dtype=loss.dtype)  # [C, V] acc dtype
-        loss.sub_((logp.gather(1, t_c) * rw_c).sum())
-        if not need_grad:
-            return None
-        g = logp.exp_()                                                       # softmax, in place
-        g.scatter_add_(1, t_c, torch.full_like(t_c, -1, dtype=g.dtype))       # - onehot(target)
-        if g.dtype == h_c.dtype:
-            g.mul_(rw_c)                                                      # [C, V]
-        else:
-            g = torch.mul(g, rw_c, out=torch.empty_like(g, dtype=h_c.dtype))  # scaled + cast: [C, V]
+        row_loss, g = row_pass_torch(z, t_c, rw_c, need_grad)
+    loss.add_(row_loss.sum())
+    if not need_grad:
+        return None
     if dh_c is not None:
         torch.mm(g, weight, out=dh_c)                                         # [C, D]
     if not need_dweight:
