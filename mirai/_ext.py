@@ -47,6 +47,20 @@ def has_op(name: str) -> bool:
     return _C is not None and hasattr(_C, name)
 
 
+def op_unavailable(C: ModuleType | None, op: str, device_type: str | None) -> str | None:
+    """Why the extension module `C` (``ext()``, or a stand-in) cannot run `op` on a device of this type,
+    or None when it can; ``device_type`` None (an empty call) only checks that the op exists."""
+    if C is None:
+        return f"extension unavailable ({load_error()})"
+    if not hasattr(C, op):
+        return f"extension has no {op} (stale build?)"
+    if device_type is None or device_type == "cpu":
+        return None
+    if device_type == "cuda":
+        return None if has_cuda() else "extension built without CUDA kernels"
+    return f"no kernel for device type {device_type!r}"
+
+
 def load_error() -> str | None:
     return _LOAD_ERROR
 

@@ -112,21 +112,12 @@ def adamw_ema_step_(
 
 
 def _fallback_reason(C, params: list[torch.Tensor]) -> str | None:
-    """Why the compiled op cannot run these inputs, or None when it can."""
-    if C is None:
-        return f"extension unavailable ({_ext.load_error()})"
-    if not hasattr(C, _OP):
-        return "extension has no adamw_ema_step_ (stale build?)"
-    if not params:
-        return None
-    device = params[0].device
-    if device.type == "cpu":
-        return None
-    if device.type == "cuda":
-        if not _ext.has_cuda():
-            return "extension built without CUDA kernels"
+    """Why the compiled op cannot run these inputs, or None when it can (on CUDA: also its self-check)."""
+    device = params[0].device if params else None
+    reason = _ext.op_unavailable(C, _OP, device.type if device is not None else None)
+    if reason is None and device is not None and device.type == "cuda":
         return _ext.self_checked(_OP, str(device), lambda: _check_kernel(C, str(device))) or None
-    return f"no kernel for device type {device.type!r}"
+    return reason
 
 
 @torch.no_grad()

@@ -78,18 +78,7 @@ def ema_update_(
 
 def _fallback_reason(C, ema: list[torch.Tensor]) -> str | None:
     """Why the compiled op cannot run these inputs, or None when it can."""
-    if C is None:
-        return f"extension unavailable ({_ext.load_error()})"
-    if not hasattr(C, _OP):
-        return "extension has no ema_update_ (stale build?)"
-    if not ema:
-        return None
-    device = ema[0].device
-    if device.type == "cpu":
-        return None
-    if device.type == "cuda":
-        return None if _ext.has_cuda() else "extension built without CUDA kernels"
-    return f"no kernel for device type {device.type!r}"
+    return _ext.op_unavailable(C, _OP, ema[0].device.type if ema else None)
 
 
 def check_inputs(

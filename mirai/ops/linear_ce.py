@@ -144,16 +144,13 @@ def _kernel_unavailable(device_type: str, dtype_name: str) -> str:
     """Why ``mirai._C.ce_softmax_grad_`` cannot run the row pass for inputs of this device type and
     dtype ("float32", "bfloat16", ...), or "" when it can."""
     from mirai import _ext
-    if not _ext.has_op("ce_softmax_grad_"):
-        return f"the extension mirai._C is unavailable or lacks ce_softmax_grad_ ({_ext.load_error()})"
+    reason = _ext.op_unavailable(_ext.ext(), "ce_softmax_grad_", device_type)
+    if reason:
+        return reason
     if device_type == "cuda":
-        if not _ext.has_cuda():
-            return "mirai._C was built without its CUDA kernels"
         if dtype_name not in ("float32", "bfloat16"):
             return f"no CUDA kernel for {dtype_name} (float32 and bfloat16 only)"
         return _self_check(f"cuda:{torch.cuda.current_device()}")
-    if device_type != "cpu":
-        return f"no kernel for device type {device_type!r}"
     if dtype_name not in ("float32", "bfloat16", "float64"):
         return f"no CPU kernel for {dtype_name}"
     return ""
