@@ -11,6 +11,10 @@ from mirai import _ext
 from mirai.ops.linear_ce import (_linear_ce_op, linear_cross_entropy, linear_cross_entropy_reference,
                                  row_pass_reference, row_pass_torch)
 
+HAS_KERNEL = _ext.has_op("ce_softmax_grad_")
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason=f"mirai._C lacks ce_softmax_grad_ ({_ext.load_error()})")
+KERNEL = pytest.param("kernel", marks=needs_kernel)             # the backend="kernel" case of a parametrized test
+
 
 def problem(n: int = 37, d: int = 16, v: int = 50, dtype=torch.float64, seed: int = 0, ignore_every: int = 5):
     """hidden [n, d], weight [v, d], targets [n] with every `ignore_every`-th target ignored (-100)."""
@@ -31,7 +35,7 @@ def value_and_grads(fn, hidden, weight, targets):
     return loss.detach(), h.grad, w.grad
 
 
-@pytest.mark.parametrize("backend", ["kernel", "torch"])
+@pytest.mark.parametrize("backend", [KERNEL, "torch"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_matches_cross_entropy_with_ignore_index_and_a_ragged_last_chunk(dtype, tol, backend):
     hidden, weight, targets = problem(dtype=dtype)                        # N = 37: chunks 8, 8, 8, 8, 5
@@ -51,7 +55,7 @@ def test_matches_cross_entropy_with_ignore_index_and_a_ragged_last_chunk(dtype, 
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("backend", ["kernel", "torch"])
+@pytest.mark.parametrize("backend", [KERNEL, "torch"])
 def test_bf16_error_is_within_the_pytorch_bf16_error(backend):
     """Against an fp32 reference on the same bf16-rounded inputs: loss error <= 2x and gradient error
     <= 3x the error of PyTorch's own bf16 path (bf16 logits -> .float() -> cross_entropy)."""
@@ -96,7 +100,7 @@ def test_upstream_gradient_scales_and_partial_requires_grad():
     torch.testing.assert_close(w.grad, base[2])
     # no grad mode: same value, and no gradient buffers are computed
     with torch.no_grad():
-        loss, dh, dw = _linear_ce_op(hidden, weight, targets, -100, 8, False, False, True)
+        loss, dh, dw = _linear_ce_op(hidden, weight, targets, -100, 8, False, False, HAS_KERNEL)
         torch.testing.assert_close(loss, base[0])
         assert dh.numel() == 0 and dw.numel() == 0
         assert linear_cross_entropy(hidden, weight.requires_grad_(), targets).requires_grad is False
@@ -120,10 +124,10 @@ def test_custom_op_registration_and_compiled_caller_without_graph_break():
     hidden, weight, targets = problem(dtype=torch.float32)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    torch.library.opcheck(_linear_ce_op, (h, w, targets, -100, 8, True, True, True),
+    torch.library.opcheck(_linear_ce_op, (h, w, targets, -100, 8, True, True, HAS_KERNEL),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
-    for backend in ("auto", "kernel"):
+    for backend in ("auto", "kernel") if HAS_KERNEL else ("auto",):
         def f(h, w, t, _b=backend):                                       # ops around the fused loss
             return 2.0 * linear_cross_entropy(torch.tanh(h), w, t, chunk_size=8, backend=_b)
 
@@ -134,7 +138,7 @@ def test_custom_op_registration_and_compiled_caller_without_graph_break():
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.skipif(not _ext.has_op("ce_softmax_grad_"), reason="mirai._C not built")
+@needs_kernel
 def test_row_pass_kernel_odd_widths_ignored_rows_and_errors():
     C = _ext.ext()
     g = torch.Generator().manual_seed(4)
@@ -170,6 +174,7 @@ def test_row_pass_kernel_odd_widths_ignored_rows_and_errors():
         C.ce_softmax_grad_(z.half(), t, w, True)
 
 
+@needs_kernel
 def test_self_check_accepts_the_kernel_and_catches_a_wrong_one(monkeypatch):
     import mirai.ops.linear_ce as lce
     monkeypatch.setattr(_ext, "_SELF_CHECKS", {})
