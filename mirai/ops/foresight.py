@@ -65,7 +65,7 @@ BACKENDS = ("auto", "fused", "reference")
 # Memory budget of the fused op when its schedule is not given: workspace buffers plus fp32
 # weight-gradient accumulators, beyond the outputs (the gradients). ``fused_plan`` picks the
 # schedule with the fewest (head group, token chunk) iterations within it; at 288 MiB that is all
-# heads at once for every shape of the benchmark but GPT-B K = 9 (3 groups of 3).
+# heads at once for every shape of the benchmark but GPT-B K = 9 (2 heads at a time over all 8,192 tokens).
 DEFAULT_MEMORY_BUDGET = 288 * 2**20
 
 _HEAD_PARAMS = ("w1", "b1", "w2", "b2", "w3", "b3")
