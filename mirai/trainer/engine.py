@@ -17,8 +17,8 @@ local flat partitions ``p.ds_tensor``).
 Optimizer: one client optimizer built here so DeepSpeed builds no op: apex ``FusedAdam`` (AdamW mode)
 when importable on CUDA, else ``torch.optim.AdamW`` with ``fused=True`` on CUDA / ``foreach=True`` on
 CPU; with ``optim.fuse_ema`` (plain engine) ``mirai.optim.AdamWEMA``, which also applies the model EMA
-(``EMAState`` attaches it) and the gradient clip in its one pass. Two parameter groups: weight decay on parameters with >= 2 dimensions (matrices, embeddings,
-stacked head weights), none on norms and biases. The learning rate is set by the trainer every step.
+(``EMAState`` attaches it) and the gradient clip in its one pass. Two parameter groups: weight decay on
+parameters with >= 2 dimensions (matrices, embeddings, stacked head weights), none on norms and biases. The learning rate is set by the trainer every step.
 
 DeepSpeed config (built from the dataclass, see ``deepspeed_config``): train_batch_size,
 train_micro_batch_size_per_gpu, gradient_accumulation_steps, gradient_clipping, bf16.enabled,
