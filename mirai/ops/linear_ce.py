@@ -40,9 +40,9 @@ Memory bound (beyond the inputs): saved for backward ``dhidden`` N*D (input dtyp
 V*D (fp32); transient per chunk C*V*2 bytes for bf16 inputs with the kernel (z, then g in place;
 C*V*(2 + 4 + 2) with the torch pass: z, logp/exp in place, g) + V*D*4 (the chunk's dweight
 product). For N = 8192, V = 16384, D = 768, C = 2048: 12.6 MB + 50 MB saved, ~120 MB transient
-with the kernel (~320 MB with the torch pass), against the unfused path's N*V*4 = 512 MB of fp32 log-probs saved for the
-backward plus ~768 MB transient (bf16 logits, their fp32 copy) at the end of the forward, and
-N*V*(4 + 4 + 2) bytes of gradients in its backward.
+with the kernel (~320 MB with the torch pass), against the unfused path's N*V*4 = 512 MB of fp32
+log-probs saved for the backward plus ~768 MB transient (bf16 logits, their fp32 copy) at the end of
+the forward, and N*V*(4 + 4 + 2) bytes of gradients in its backward.
 
 torch.compile: the computation is registered as the custom op ``mirai::linear_cross_entropy``
 (``torch.library.custom_op`` with a fake implementation and an autograd formula), so compiled code
