@@ -16,6 +16,10 @@ measured dense bf16 peak (H100: 777e12; ``--peak`` or MIRAI_PEAK_FLOPS to overri
 for the whole Mirai step's FLOPs (``mirai.flops``). JSON lines go to ``benchmarks/results/step.jsonl``
 (GPU name, commit, settings, numbers), one line as soon as each point is measured. Each point runs
 in its own subprocess so engines and compile caches of one point never affect the next.
+``--variant=FLAGS`` (repeatable) times each point again with extra flags, right after it in the same
+process tree, for an A/B on one machine (``--variant=--fuse-ema --variant='--ce-backend torch'``). Each
+record also says which ``mirai._C`` kernels passed their device self-check and which ops fell back
+(``kernels``), so no number silently measures a fallback.
 ``--backend single`` times the plain single-process engine (``train.backend=auto`` on one GPU) instead of
 DeepSpeed; ``--compile-scope`` sets ``train.compile_scope``; ``--fuse-ema`` sets ``optim.fuse_ema`` (the
 AdamW step, clip and EMA in one pass; single-process engine); ``--ce-backend`` sets ``train.ce_backend``.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -92,6 +97,7 @@ def encoder_weights_file(name: str, folder: Path) -> Path:
 
 def run_point(model: str, mode: str, micro: int, args) -> dict:
     """Build the run, read batches, warm up, time; returns one JSON record (called in a child process)."""
+    from mirai import _ext
     from mirai.trainer.logging import flops_per_image, peak_flops
     from mirai.trainer.synthetic import write_synthetic_store
     from mirai.train import build_run
@@ -154,7 +160,8 @@ def run_point(model: str, mode: str, micro: int, args) -> dict:
            "flops_per_image": total, "backbone_flops_per_image": backbone,
            "tflops": img_s * total / 1e12, "backbone_tflops": img_s * backbone / 1e12, "peak_flops": peak,
            "mfu": None if peak is None else img_s * total / peak,
-           "backbone_mfu": None if peak is None else img_s * backbone / peak}
+           "backbone_mfu": None if peak is None else img_s * backbone / peak,
+           "kernels": _ext.report()}      # which mirai._C kernels passed their self-check, which fell back
     if args.profile:
         rec["trace"] = str(profile(one_step, device, f"{model}_{mode}_{micro}"))
     return rec
@@ -200,6 +207,19 @@ def print_host_syncs(step_fn) -> None:
         print(f"  {n:4d}  {loc}", file=sys.stderr)
 
 
+def argv_base(args) -> list[str]:
+    """The flags a child process gets for one point (everything but the point and the variants)."""
+    flags = ["--device", args.device, "--backend", args.backend, "--zero", str(args.zero),
+             "--compile" if args.compile else "--no-compile", "--compile-scope", args.compile_scope,
+             "--warmup", str(args.warmup), "--fuse-ema" if args.fuse_ema else "--no-fuse-ema",
+             "--ce-backend", args.ce_backend, "--steps", str(args.steps), "--log-every", str(args.log_every)]
+    if args.peak:
+        flags += ["--peak", str(args.peak)]
+    if args.profile:
+        flags += ["--profile"]
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--point-timeout", type=float, default=None,
                    help="seconds one point (build, compile, warm-up, timing) may take before it is skipped; "
                         "a GPT-XXL point needs a few minutes")
+    p.add_argument("--variant", action="append", default=[], metavar="FLAGS",
+                   help="also time each point with these extra flags, right after the point as given (repeatable; "
+                        "e.g. --variant=--fuse-ema --variant='--ce-backend torch'): A/B on one machine, interleaved")
     p.add_argument("--point", default=None, help=argparse.SUPPRESS)   # child: one JSON point
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
@@ -238,8 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.point is not None:                                 # child process: one point
         spec = json.loads(args.point)
         rec = run_point(spec["model"], spec["mode"], spec["micro"], args)
+        rec["variant"] = spec.get("variant", "")
         print("BENCH_STEP_RESULT " + json.dumps(rec), flush=True)
         return 0
+    variants = [""] + [v.strip() for v in args.variant if v.strip()]
+    for v in variants[1:]:                                     # fail now, not after the first point's minutes
+        _, unknown = p.parse_known_args(argv_base(args) + shlex.split(v))
+        if unknown:
+            p.error(f"--variant {v!r}: {' '.join(unknown)} is not a flag of this benchmark")
 
     models = (args.models or ("GPT-debug" if cpu else "GPT-B,GPT-XXL")).split(",")
     modes = args.modes.split(",")
@@ -250,28 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         micros = [int(x) for x in args.micro.split(",")] if args.micro else [DEFAULT_MICRO.get(model, 32)]
         for mode in modes:
-            for micro in micros:
-                point = json.dumps({"model": model, "mode": mode, "micro": micro})
-                child = [sys.executable, __file__, "--point", point,
-                         "--device", args.device, "--backend", args.backend, "--zero", str(args.zero),
-                         "--compile" if args.compile else "--no-compile",
-                         "--compile-scope", args.compile_scope, "--warmup", str(args.warmup),
-                         "--fuse-ema" if args.fuse_ema else "--no-fuse-ema", "--ce-backend", args.ce_backend,
-                         "--steps", str(args.steps), "--log-every", str(args.log_every)]
-                if args.peak:
-                    child += ["--peak", str(args.peak)]
-                if args.profile:
-                    child += ["--profile"]
+            for micro, variant in ((m, v) for m in micros for v in variants):
+                point = json.dumps({"model": model, "mode": mode, "micro": micro, "variant": variant})
+                child = [sys.executable, __file__, "--point", point, *argv_base(args), *shlex.split(variant)]
+                label = f"{model} {mode} micro {micro}" + (f" [{variant}]" if variant else "")
                 try:
                     proc = subprocess.run(child, capture_output=True, text=True, cwd=ROOT,
                                           timeout=args.point_timeout)
                 except subprocess.TimeoutExpired:
-                    print(f"{model} {mode} micro {micro}: TIMED OUT after {args.point_timeout:.0f} s "
+                    print(f"{label}: TIMED OUT after {args.point_timeout:.0f} s "
                           "(--point-timeout)", file=sys.stderr, flush=True)
                     continue
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_STEP_RESULT ")]
                 if proc.returncode != 0 or not lines:
-                    print(f"{model} {mode} micro {micro}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}",
+                    print(f"{label}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}",
                           file=sys.stderr)
                     continue
                 if args.profile:
@@ -280,12 +301,14 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(rec)
                 if not args.no_save:        # at once: a job killed later keeps the points already measured
                     append_jsonl("step", [rec])
-                print(f"{model} {mode} micro {micro}: {rec['ms_per_step']:.1f} ms, {rec['img_per_s']:.0f} img/s"
+                print(f"{label}: {rec['ms_per_step']:.1f} ms, {rec['img_per_s']:.0f} img/s"
                       + (f", {rec['peak_mem_gb']:.1f} GB" if rec["peak_mem_gb"] is not None else "")
                       + (f", backbone MFU {100 * rec['backbone_mfu']:.1f}%" if rec["backbone_mfu"] else ""), flush=True)
+                for line in rec["kernels"]["fallbacks"]:       # a number measured on a fallback says so
+                    print(f"    fell back: {line}", flush=True)
     if not records:
         return 1
-    print_table(records, ["model", "mode", "micro_batch", "ms_per_step", "img_per_s", "peak_mem_gb",
+    print_table(records, ["model", "mode", "micro_batch", "variant", "ms_per_step", "img_per_s", "peak_mem_gb",
                           "backbone_tflops", "backbone_mfu", "tflops", "mfu"])
     if not args.no_save:
         print(f"appended to {RESULTS_DIR / 'step.jsonl'}")

@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build mirai._C for this GPU, run the CUDA-marked tests and the CPU suite there,
-# then the kernel benchmarks. Logs go to $OUT (or ./gpu_out). Usage: bash benchmarks/gpu_check.sh [tests|bench|step|all]
+# One call on a GPU machine: build mirai._C for this GPU, run the CUDA-marked tests there, then the kernel
+# benchmarks and the step benchmark. Logs go to $OUT (or ./gpu_out).
+# Usage: bash benchmarks/gpu_check.sh [tests|bench|step|all]; FORESIGHT_ARGS and STEP_ARGS pass flags to
+# bench_foresight.py and bench_step.py (word-split: write a variant as --variant=--ce-backend=torch).
+#
+# What is still unmeasured (issues 4 and 10) fits three calls of at most 10 minutes on one machine:
+#   1. FORESIGHT_ARGS="--plans auto,1x4096,3x8192,budget=90" bash benchmarks/gpu_check.sh tests
+#      && FORESIGHT_ARGS=... bash benchmarks/gpu_check.sh bench          (CUDA tests, then the kernel benchmarks)
+#   2. STEP_ARGS="--backend single --models GPT-B --modes baseline,mirai_e,mirai_i,mirai_i_online
+#      --variant=--fuse-ema --variant=--ce-backend=torch" STEP_TIMEOUT=540 bash benchmarks/gpu_check.sh step
+#   3. STEP_ARGS="--backend single --models GPT-XXL --modes baseline,mirai_e --variant=--fuse-ema
+#      --point-timeout 200" STEP_TIMEOUT=540 bash benchmarks/gpu_check.sh step
 set -u
 what=${1:-all}
 out=${OUT:-gpu_out}; mkdir -p "$out"
@@ -23,7 +33,8 @@ fi
 python3 -c "import mirai._ext as e; print(e.describe())"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # -v and faulthandler so a crash names its test; one process per file so one crash does not hide the rest
-  for f in tests/test_ema.py tests/test_adamw_ema.py tests/test_foresight_fused.py tests/test_gpt.py tests/test_linear_ce.py; do
+  for f in tests/test_ema.py tests/test_adamw_ema.py tests/test_foresight_fused.py tests/test_gpt.py tests/test_linear_ce.py \
+           tests/test_train.py; do
     timeout 200 python3 -X faulthandler -m pytest "$f" -m cuda -v -p no:cacheprovider >> "$out/cuda_tests.log" 2>&1
     echo "cuda tests $f: rc=$? $(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$out/cuda_tests.log" | tail -1)"
   done

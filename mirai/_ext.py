@@ -94,3 +94,10 @@ def self_checked(op: str, device: str, check: Callable[[], str]) -> str:
             del _SELF_CHECKS[key]
             raise
     return _SELF_CHECKS[key]
+
+
+def report() -> dict[str, object]:
+    """What ran in this process: each CUDA self-check's outcome ("ok" or why the kernel is not used) by
+    "op@device", and every fallback warned so far as "op: reason" (benchmarks record it beside their numbers)."""
+    return {"self_checks": {f"{op}@{dev}": (why or "ok") for (op, dev), why in sorted(_SELF_CHECKS.items())},
+            "fallbacks": sorted(f"{op}: {why}" for op, why in _WARNED)}

@@ -296,6 +296,49 @@ def test_adamwema_state_dict_same_format_and_round_trips_both_ways():
     assert from_torch.state[next(m_ours.parameters())]["step"].item() == 5.0
 
 
+def test_adamwema_follows_param_groups_added_and_states_loaded_between_steps():
+    """AdamWEMA reuses its per-step call lists until something changes: a param group added later, a state
+    loaded mid-run and a fresh attach_ema must each be seen by the next step (compared with torch's AdamW)."""
+    torch.manual_seed(3)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    b = [torch.nn.Parameter(t.detach().clone()) for t in a]
+    late_a, late_b = torch.nn.Parameter(torch.randn(4)), None
+    late_b = torch.nn.Parameter(late_a.detach().clone())
+    ours, ref = AdamWEMA([{"params": a}], **HP), torch.optim.AdamW([{"params": b}], foreach=False, **HP)
+
+    def step(k):
+        for ps, opt in ((a + ([late_a] if len(ours.param_groups) > 1 else []), ours),
+                        (b + ([late_b] if len(ref.param_groups) > 1 else []), ref)):
+            for i, p in enumerate(ps):
+                p.grad = torch.full_like(p, 0.1 * (k + i)).sin_()
+            opt.step()
+
+    step(1)
+    step(2)
+    ours.add_param_group({"params": [late_a], "weight_decay": 0.0})
+    ref.add_param_group({"params": [late_b], "weight_decay": 0.0})
+    step(3)
+    assert ours.state[late_a]["step"].item() == 1.0 and ours.state[a[0]]["step"].item() == 3.0
+    saved = copy.deepcopy(ours.state_dict())
+    step(4)
+    ours.load_state_dict(saved)                                   # back to the state after step 3 ...
+    ref_state = copy.deepcopy(saved)
+    ref.load_state_dict(ref_state)
+    for x, y in zip(a + [late_a], b + [late_b]):
+        with torch.no_grad():
+            y.copy_(x)
+    step(4)                                                       # ... and on from there, with the loaded counts
+    for x, y in zip(a + [late_a], b + [late_b]):
+        _close(x.detach(), y.detach(), "after add_param_group and load_state_dict")
+    assert ours.state[late_a]["step"].item() == 2.0 and ours.state[a[1]]["step"].item() == 4.0
+    ema = [torch.zeros_like(p) for p in a]                        # attached after five steps: used at once
+    ours.attach_ema([(p, e, None) for p, e in zip(a, ema)])
+    ours.ema_decay = 0.5
+    step(5)
+    for p, e in zip(a, ema):
+        assert torch.equal(e, (p.detach() * 0.5).to(torch.float32)), "the EMA attached last was not updated"
+
+
 def test_adamwema_refuses_unsupported_options_and_bad_pairs():
     params = list(_Net().parameters())
     for opt in ("amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable"):

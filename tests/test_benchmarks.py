@@ -27,12 +27,29 @@ def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def test_bench_step_times_a_point_and_skips_one_past_its_timeout():
     common = [str(BENCH / "bench_step.py"), "--device", "cpu", "--backend", "single", "--modes", "baseline",
               "--warmup", "1", "--steps", "2", "--no-save"]
-    ok = _run(*common)
+    ok = _run(*common, "--variant=--fuse-ema")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    line = next(ln for ln in ok.stdout.splitlines() if ln.startswith("GPT-debug baseline micro 4:"))
-    assert float(line.split(",")[1].split()[0]) > 0                     # images/s
+    for label in ("GPT-debug baseline micro 4:", "GPT-debug baseline micro 4 [--fuse-ema]:"):   # point, then A/B
+        line = next(ln for ln in ok.stdout.splitlines() if ln.startswith(label))
+        assert float(line.split(",")[1].split()[0]) > 0                 # images/s
     slow = _run(*common, "--point-timeout", "0.01")
     assert slow.returncode == 1 and "TIMED OUT after" in slow.stderr
+    bad = _run(*common, "--variant=--fuse-emma")
+    assert bad.returncode == 2 and "--fuse-emma is not a flag" in bad.stderr
+
+
+def test_bench_step_record_says_what_ran():
+    """One point's JSON record names its variant, the settings the variant changed and the kernels' state."""
+    point = json.dumps({"model": "GPT-debug", "mode": "mirai_e", "micro": 4, "variant": "--fuse-ema"})
+    out = _run(str(BENCH / "bench_step.py"), "--point", point, "--device", "cpu", "--backend", "single",
+               "--warmup", "1", "--steps", "1", "--fuse-ema")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rec = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_STEP_RESULT "))
+                     .split(" ", 1)[1])
+    assert rec["variant"] == "--fuse-ema" and rec["fuse_ema"] is True and rec["mode"] == "mirai_e"
+    assert set(rec["kernels"]) == {"self_checks", "fallbacks"}
+    assert rec["kernels"]["self_checks"] == {}          # self-checks are for CUDA kernels; this ran on the CPU
+    assert all(":" in f for f in rec["kernels"]["fallbacks"])
 
 
 @needs_op("foresight_fused_cpu")
