@@ -2,7 +2,7 @@
 
 C++ (CPU) sources under ``csrc/`` are always compiled; the ``.cu`` sources are
 added whenever nvcc is found (``CUDA_HOME``), for ``TORCH_CUDA_ARCH_LIST`` or by
-default ``8.0;9.0`` (A100 and H100). ``MIRAI_SKIP_CUDA=1`` builds CPU only.
+default ``8.0;9.0+PTX`` (A100 and H100 binaries, PTX for newer GPUs). ``MIRAI_SKIP_CUDA=1`` builds CPU only.
 ``MAX_JOBS`` defaults to what free memory allows (about 3 GB per nvcc job).
 """
 from __future__ import annotations
@@ -64,11 +64,14 @@ def _extension():
     with_cuda = CUDA_HOME is not None and os.environ.get("MIRAI_SKIP_CUDA", "0") != "1"
     include_dirs = [os.path.join(ROOT, "csrc")]
     # torch.utils.cpp_extension adds the C++ standard its headers need; OpenMP makes at::parallel_for parallel
-    cxx = ["-O3", "-fopenmp"]
+    # -ffp-contract=off: no FMA contraction of a * b + c in the CPU kernels, which must round every operation as
+    # their CUDA twins do (csrc/common/float_math.h; tests compare them bit for bit)
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if not with_cuda:
         return CppExtension("mirai._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"])
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # A100 and H100 binaries, plus compute_90 PTX that newer GPUs compile when they load the extension
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__"]

@@ -39,13 +39,15 @@ MIRAI_CE_HD MaxSum<acc_t> ce_empty() {
   return {-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
 }
 
-// Adds one element to a running (max, sum).
+// Adds one element to a running (max, sum). A -inf element adds nothing (exp(-inf) = 0): the
+// test keeps exp(-inf - -inf) = NaN out of a sum that has seen only -inf so far. NaN still
+// propagates (it fails both comparisons).
 template <typename acc_t>
 MIRAI_CE_HD void ce_add(MaxSum<acc_t>& a, acc_t x) {
   if (x > a.max) {
     a.sum = a.sum * std::exp(a.max - x) + acc_t(1);
     a.max = x;
-  } else {
+  } else if (x != -std::numeric_limits<acc_t>::infinity()) {
     a.sum += std::exp(x - a.max);
   }
 }

@@ -7,8 +7,10 @@
 // approximate. The device versions below are inline PTX with explicit .rn and
 // without .ftz, so a kernel using them computes exactly what the host code
 // computes (and what PyTorch's kernels, built without fast math, compute).
-// On the host the plain operators are IEEE already: the extension is built
-// with -std=c++20 (GCC: -ffp-contract=off, no fast math).
+// On the host the plain operators are IEEE already: setup.py builds the C++
+// files with -ffp-contract=off and without fast math, so GCC never fuses
+// a * b + c into an FMA behind the code's back (in C++ mode it would by
+// default, whatever the -std).
 #pragma once
 
 #include <cmath>

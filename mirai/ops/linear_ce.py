@@ -121,11 +121,13 @@ def _self_check(device: str) -> str:
 
 
 def _check_kernel(device: str) -> str:
-    """The row-pass kernel on `device` against ``row_pass_reference`` (bf16 logits of 16,384 codes on the
-    vectorised path, fp32 logits of 1,001 codes on the scalar one): "" when they agree, else why not."""
+    """The row-pass kernel on `device` against ``row_pass_reference``, each of its four variants (bf16 and fp32
+    logits, 16,384 codes on the vectorised path and 1,001 on the one-element path): "" when they agree, else why
+    not."""
     from mirai import _ext
     gen = torch.Generator().manual_seed(0)
-    for v, dtype in ((16384, torch.bfloat16), (1001, torch.float32)):
+    for v, dtype in ((16384, torch.bfloat16), (1001, torch.float32),
+                     (16384, torch.float32), (1001, torch.bfloat16)):
         z = (torch.randn(6, v, generator=gen) * 3).to(device=device, dtype=dtype)
         t = torch.randint(0, v, (6,), generator=gen).to(device)
         w = torch.rand(6, generator=gen).to(device)
