@@ -83,14 +83,18 @@ def warn_fallback(op: str, reason: str) -> None:
 def self_checked(op: str, device: str, check: Callable[[], str]) -> str:
     """Why `op`'s CUDA kernels must not run on `device`, or "" when they may: ``check()`` (the op's
     comparison against its PyTorch formulation), run the first time and remembered per (op, device),
-    so a kernel that computes wrong numbers on some GPU is never used there. While the check runs the
-    answer is "", so the check may call the op it checks."""
+    so a kernel that computes wrong numbers on some GPU is never used there. A check that raises (for
+    example "no kernel image is available" on a GPU the extension was not built for) is a failed check:
+    its error becomes the reason. While the check runs the answer is "", so the check may call the op
+    it checks."""
     key = (op, device)
     if key not in _SELF_CHECKS:
         _SELF_CHECKS[key] = ""
         try:
             _SELF_CHECKS[key] = check()
-        except BaseException:
+        except Exception as err:  # noqa: BLE001 - the kernel is not used; the reason says why
+            _SELF_CHECKS[key] = f"its self-check on {device} raised {type(err).__name__}: {str(err).strip()[:300]}"
+        except BaseException:     # KeyboardInterrupt, SystemExit: not a verdict on the kernel
             del _SELF_CHECKS[key]
             raise
     return _SELF_CHECKS[key]

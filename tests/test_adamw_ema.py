@@ -432,6 +432,25 @@ def test_self_check_accepts_the_kernel_and_catches_a_wrong_one(monkeypatch):
     assert reason.startswith("its self-check on cpu disagreed")
     assert _ext._SELF_CHECKS == {("adamw_ema_step_", "cpu"): reason}
 
+    class NoImage:                                          # a GPU the extension was not built for
+        @staticmethod
+        def adamw_ema_step_(*args):
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(_ext, "_SELF_CHECKS", {})
+    assert checked(NoImage) == ("its self-check on cpu raised RuntimeError: CUDA error: no kernel image is "
+                                "available for execution on the device")   # a verdict: the op falls back
+
+    class Interrupted:
+        @staticmethod
+        def adamw_ema_step_(*args):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_ext, "_SELF_CHECKS", {})
+    with pytest.raises(KeyboardInterrupt):
+        checked(Interrupted)
+    assert _ext._SELF_CHECKS == {}                          # not a verdict: asked again next time
+
 
 # ----------------------------------------------------------------------------------- fallback
 def test_fallback_same_numbers_and_warns_once(monkeypatch):
