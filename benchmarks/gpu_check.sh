@@ -5,8 +5,8 @@
 # bench_foresight.py and bench_step.py (word-split: write a variant as --variant=--ce-backend=torch).
 #
 # What is still unmeasured (issues 4 and 10) fits three calls of at most 10 minutes on one machine:
-#   1. FORESIGHT_ARGS="--plans auto,1x4096,3x8192,budget=90" bash benchmarks/gpu_check.sh tests
-#      && FORESIGHT_ARGS=... bash benchmarks/gpu_check.sh bench          (CUDA tests, then the kernel benchmarks)
+#   1. bash benchmarks/gpu_check.sh tests && FORESIGHT_ARGS="--plans auto,1x4096,3x8192,budget=90" \
+#      bash benchmarks/gpu_check.sh bench                                 (CUDA tests, then the kernel benchmarks)
 #   2. STEP_ARGS="--backend single --models GPT-B --modes baseline,mirai_e,mirai_i,mirai_i_online
 #      --variant=--fuse-ema --variant=--ce-backend=torch" STEP_TIMEOUT=540 bash benchmarks/gpu_check.sh step
 #   3. STEP_ARGS="--backend single --models GPT-XXL --modes baseline,mirai_e --variant=--fuse-ema
