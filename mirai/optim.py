@@ -70,7 +70,7 @@ class AdamWEMA(torch.optim.AdamW):
         #: divides every gradient in the kernel when set (None or a one-element float32 device tensor)
         self.grad_scale: torch.Tensor | None = None
         self._ema: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._invalidate_plan()
+        self._plan: _Plan | None = None    # the step's call lists (``_current_plan``); None: build at the next step
 
     # ------------------------------------------------------------------- EMA
     def attach_ema(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
@@ -88,7 +88,7 @@ class AdamWEMA(torch.optim.AdamW):
                                      f"shape {list(p.shape)} on {p.device}, got {t.dtype} {list(t.shape)} on "
                                      f"{t.device}")
             self._ema[p] = (ema.detach(), None if teacher is None else teacher.detach())
-        self._invalidate_plan()
+        self._plan = None
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -99,10 +99,10 @@ class AdamWEMA(torch.optim.AdamW):
                 loss = closure()
         decay = self.ema_decay
         plan = self._current_plan()
-        for group, buckets in zip(self.param_groups, plan.groups):
-            if not buckets:
+        for group, (steps, buckets) in zip(self.param_groups, plan.groups):
+            if steps is None:                        # no param of this group has a grad
                 continue
-            plan.steps[id(group)].add_(1.0)          # every `step` of this group's stepped params: one CPU op
+            steps.add_(1.0)                          # every `step` of this group's stepped params: one CPU op
             for b in buckets:
                 b.step += 1
                 with_ema = decay is not None and b.emas is not None
@@ -119,8 +119,7 @@ class AdamWEMA(torch.optim.AdamW):
     def _current_plan(self) -> "_Plan":
         """The per-step call lists, rebuilt only when the params with a grad, the attached EMAs or the loaded
         state changed: the host work of a step is then a few list reads and one call per group."""
-        key = (self._plan_version,
-               tuple(tuple((id(p), p.grad is not None) for p in g["params"]) for g in self.param_groups))
+        key = tuple(tuple((id(p), p.grad is not None) for p in g["params"]) for g in self.param_groups)
         if self._plan is None or self._plan.key != key:
             self._plan = self._build_plan(key)
         return self._plan
@@ -139,6 +138,7 @@ class AdamWEMA(torch.optim.AdamW):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buckets: dict[tuple[torch.device, int], _Bucket] = {}
+            steps = None
             if params:
                 # the step counters become views of one CPU buffer (same values, same state_dict), so a step
                 # increments them all with one op; params of a group normally share their count: one bucket
@@ -146,7 +146,6 @@ class AdamWEMA(torch.optim.AdamW):
                 for i, (p, count) in enumerate(zip(params, steps.tolist())):
                     self.state[p]["step"] = steps[i]
                     buckets.setdefault((p.device, int(count)), _Bucket(int(count))).params.append(p)
-                plan.steps[id(group)] = steps
             for b in buckets.values():
                 b.exp_avgs = [self.state[p]["exp_avg"] for p in b.params]
                 b.exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in b.params]
@@ -156,7 +155,7 @@ class AdamWEMA(torch.optim.AdamW):
                     if any(t is not None for _, t in pairs):
                         b.teachers = [t for _, t in pairs]
                 stepped.update(b.params)
-            plan.groups.append(list(buckets.values()))
+            plan.groups.append((steps, list(buckets.values())))
         rest = [(p, e, t) for p, (e, t) in self._ema.items() if p not in stepped]
         plan.rest = [p.detach() for p, _, _ in rest]
         plan.rest_emas = [e for _, e, _ in rest]
@@ -166,11 +165,6 @@ class AdamWEMA(torch.optim.AdamW):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._invalidate_plan()
-
-    def _invalidate_plan(self) -> None:
-        # torch.optim.Optimizer.__init__ calls add_param_group before AdamWEMA's own attributes exist
-        self._plan_version = getattr(self, "_plan_version", 0) + 1
         self._plan = None
 
     # ------------------------------------------------------------ state dict
@@ -180,7 +174,7 @@ class AdamWEMA(torch.optim.AdamW):
         for group in state_dict["param_groups"]:
             _check_options({k: group.get(k) for k in ("amsgrad", "maximize", "differentiable")}, ".load_state_dict")
         super().load_state_dict(state_dict)
-        self._invalidate_plan()
+        self._plan = None
         for group in self.param_groups:
             group.update(foreach=None, fused=None, capturable=False)
         for state in self.state.values():
@@ -205,8 +199,8 @@ class _Plan:
 
     def __init__(self, key):
         self.key = key
-        self.groups: list[list[_Bucket]] = []                     # per param group, its buckets
-        self.steps: dict[int, torch.Tensor] = {}                  # id(group) -> CPU float32 [n] step counters
+        # per param group: its stepped params' CPU float32 [n] step counters (None: none stepped) and its buckets
+        self.groups: list[tuple[torch.Tensor | None, list[_Bucket]]] = []
         self.rest: list[torch.Tensor] = []                        # attached params not stepped (EMA only)
         self.rest_emas: list[torch.Tensor] = []
         self.rest_teachers: list[torch.Tensor | None] | None = None
