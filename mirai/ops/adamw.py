@@ -54,6 +54,7 @@ import torch
 
 from mirai import _ext
 from mirai.ops import ema as _ema
+from mirai.ops.checks import check_entry
 
 __all__ = ["adamw_ema_step_", "bias_corrections"]
 
@@ -185,17 +186,7 @@ def check_inputs(params, grads, exp_avgs, exp_avg_sqs, ema, teacher, lr, beta1, 
     device = params[0].device
 
     def check(t: torch.Tensor, name: str, i: int, dtypes: tuple[torch.dtype, ...]) -> None:
-        if t.dtype not in dtypes:
-            allowed = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-            raise TypeError(f"adamw_ema_step_: {name}[{i}] must be {allowed}, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"adamw_ema_step_: {name}[{i}] is on {t.device} but params[0] is on {device}; "
-                             "all tensors must be on one device")
-        if t.shape != params[i].shape:
-            raise ValueError(f"adamw_ema_step_: {name}[{i}] has shape {list(t.shape)} but params[{i}] has shape "
-                             f"{list(params[i].shape)}; shapes must match per index")
-        if not t.is_contiguous():
-            raise ValueError(f"adamw_ema_step_: {name}[{i}] must be contiguous")
+        check_entry(_OP, name, i, t, dtypes, params, "params")
 
     f32, bf16 = (torch.float32,), (torch.bfloat16,)
     for i in range(n):

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from mirai import _ext
+from mirai.ops.checks import check_entry
 
 __all__ = ["ema_update_", "ema_update_reference_"]
 
@@ -94,33 +95,11 @@ def check_inputs(
         raise ValueError(f"ema_update_: teacher and ema must have the same length, got {len(teacher)} and {len(ema)}")
     if not ema:
         return
-    device = ema[0].device
-
-    def check(t: torch.Tensor, name: str, i: int) -> None:
-        if t.device != device:
-            raise ValueError(f"ema_update_: {name}[{i}] is on {t.device} but ema[0] is on {device}; "
-                             "all tensors must be on one device")
-        if t.shape != ema[i].shape:
-            raise ValueError(f"ema_update_: {name}[{i}] has shape {list(t.shape)} but ema[{i}] has shape "
-                             f"{list(ema[i].shape)}; shapes must match per index")
-        if not t.is_contiguous():
-            raise ValueError(f"ema_update_: {name}[{i}] must be contiguous")
-
     for i, (e, p) in enumerate(zip(ema, params)):
-        if e.dtype != torch.float32:
-            raise TypeError(f"ema_update_: ema[{i}] must be float32, got {e.dtype}")
-        if e.device != device:
-            raise ValueError(f"ema_update_: ema[{i}] is on {e.device} but ema[0] is on {device}; "
-                             "all tensors must be on one device")
-        if not e.is_contiguous():
-            raise ValueError(f"ema_update_: ema[{i}] must be contiguous")
-        if p.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"ema_update_: params[{i}] must be float32 or bfloat16, got {p.dtype}")
-        check(p, "params", i)
+        check_entry(_OP, "ema", i, e, (torch.float32,), ema, "ema")        # ema is the reference list itself
+        check_entry(_OP, "params", i, p, (torch.float32, torch.bfloat16), ema, "ema")
         if teacher is not None and teacher[i] is not None:
-            if teacher[i].dtype != torch.bfloat16:
-                raise TypeError(f"ema_update_: teacher[{i}] must be bfloat16, got {teacher[i].dtype}")
-            check(teacher[i], "teacher", i)
+            check_entry(_OP, "teacher", i, teacher[i], (torch.bfloat16,), ema, "ema")
     if isinstance(decay, torch.Tensor):
         if decay.numel() != 1:
             raise ValueError(f"ema_update_: decay tensor must have one element, got {decay.numel()}")
