@@ -35,3 +35,18 @@ def debug_cfg(code_store, tmp_path):
         out = Path(out) if out is not None else tmp_path / "run"
         return load_config(DEBUG_YAML, debug_overrides(code_store, out) + list(overrides))
     return make
+
+
+@pytest.fixture(params=["ext", "fallback"])
+def ext_or_fallback(request, monkeypatch) -> str:
+    """Run a test once through mirai._C and once through the PyTorch fallback (the extension hidden), with
+    the fallback's one-time warning silenced; skips the "ext" run when the extension is not built."""
+    import warnings
+
+    from mirai import _ext
+    if request.param == "ext" and not _ext.available():
+        pytest.skip("mirai._C not built")
+    if request.param == "fallback":
+        monkeypatch.setattr(_ext, "_C", None)
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return request.param
