@@ -1,8 +1,11 @@
-# make install: .venv with torch and the package (building mirai._C)
+# make install: .venv with torch and the package (building mirai._C: C++ kernels, plus the CUDA kernels when a GPU
+#               is visible or MIRAI_BUILD_CUDA=1; see setup.py)
 # make test:    install if needed, then pytest
 # make demo:    install if needed, then the embedded demo (runs/demo/report.md)
 # make bench:   install if needed, then the EMA, foresight, optimizer, linear + CE, RoPE and training-step benchmarks (needs a CUDA GPU;
 #               results appended to benchmarks/results/*.jsonl)
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,9 +18,13 @@ install: $(STAMP)
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[install 1/3] torch 2.14.1 into $(VENV)"
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q ninja pybind11
-	$(PY) -m pip install --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q ninja pybind11 setuptools wheel
+	@echo "[install 2/3] building mirai._C (one line per compiled source)"
+	$(PY) setup.py -q build_ext --inplace 2>&1 | sed -u -E 's#^(\[[0-9]+/[0-9]+\]) .* -c ([^ ]+) -o .*#\1 compiling \2#'
+	@echo "[install 3/3] the package and its dev extra (DeepSpeed, timm, pytest, ...)"
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	$(PY) -c "import mirai._C, mirai; print('mirai._C built:', mirai._ext.describe())"
 	touch $(STAMP)
 
@@ -38,4 +45,4 @@ bench: install
 	$(PY) benchmarks/bench_step.py --backend single --fuse-ema --point-timeout 900
 
 clean:
-	rm -rf build *.egg-info mirai/_C*.so
+	rm -rf build *.egg-info mirai/_C*.so $(STAMP)
