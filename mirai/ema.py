@@ -2,7 +2,7 @@
 outside any training engine, updated by the fused ``mirai.ops.ema_update_``.
 
     ema = ModelEMA(model, decay=0.9999)          # fp32 shadow copies, names -> tensors
-    ema.attach_teacher(teacher_bf16)             # optional: Mirai-E teacher refreshed in the same pass
+    ema.attach_teacher(teacher)                  # optional: Mirai-E teacher kept equal to the EMA
     for step in ...:
         optimizer.step()
         ema.update(model)                        # one fused call: shadow <- decay*shadow + (1-decay)*param
@@ -14,17 +14,21 @@ Design:
     partitions or optimises it (issue 6).
   * ``update`` gathers the current parameters by name and makes ONE call of
     ``ema_update_`` over all of them (and the attached teacher's bf16 weights,
-    written in that same pass as ``bf16(shadow)``).
+    written in that same pass as ``bf16(shadow)``; an fp32 teacher's weights
+    share the shadows' storage, so they are the EMA itself).
+  * What is averaged is what is handed in: hand the fp32 master weights (a bf16
+    module's parameters would be averaged as their bf16 roundings). The trainer
+    hands ``Engine.ema_params()``, the fp32 masters under every engine.
   * Decay: constant by default (the paper's 0.9999); warm-up schedules as options
     (``decay_at``). The decay is a Python float computed on the host from the step
     counter: no device sync.
   * Buffers are not averaged. With ``include_buffers=True`` they are copied
     (``shadow_buffers``), keeping their dtype.
-  * ZeRO-3: pass ``[(name, param.ds_tensor), ...]`` (each rank's local flat
-    shards) instead of a module; the shadows are then shard-shaped and each rank
+  * Sharded masters (ZeRO-1/2/3): pass ``[(name, local fp32 shard), ...]``
+    instead of a module; the shadows are then shard-shaped and each rank
     averages its own shard. A teacher needs full tensors, so ``attach_teacher``
-    refuses shard-shaped shadows (shape mismatch naming the parameter): under
-    ZeRO-3 gather the EMA (or keep a full fp32 EMA on each rank) to drive a teacher.
+    refuses shard-shaped shadows (shape mismatch naming the parameter):
+    ``mirai.trainer.shadow.EMAState`` gathers the shards into the teacher instead.
 """
 from __future__ import annotations
 
@@ -185,12 +189,15 @@ class ModelEMA:
     # ---------------------------------------------------------------- teacher
     @torch.no_grad()
     def attach_teacher(self, teacher: nn.Module | None, prefix_map: Mapping[str, str] | None = None) -> None:
-        """Register a bf16 module whose parameters are set to ``bf16(shadow)`` now and in every ``update``.
+        """Register a module whose parameters equal the EMA from now on: bf16 parameters are set to
+        ``bf16(shadow)`` now and in every ``update`` (same fused pass); fp32 parameters are made to share
+        the shadows' storage (no copy ever: the teacher is the EMA).
 
         Each teacher parameter name is mapped to a model name by ``prefix_map`` (teacher prefix ->
         model prefix, longest matching prefix wins; names without a matching prefix map to
         themselves) and must have a shadow with the same shape on the same device. The teacher may
-        cover a subset of the shadows. ``None`` detaches the current teacher.
+        cover a subset of the shadows. ``None`` detaches the current teacher (fp32 parameters keep
+        sharing the shadows' storage).
         """
         if teacher is None:
             self._teacher, self._teacher_names = None, {}
@@ -199,15 +206,16 @@ class ModelEMA:
         slots: list[torch.Tensor | None] = [None] * len(self._names)
         index = {n: i for i, n in enumerate(self._names)}
         names: dict[str, str] = {}
+        shared: list[tuple[nn.Parameter, torch.Tensor]] = []
         for tname, p in teacher.named_parameters():
             keys = [k for k in prefix_map if tname.startswith(k)]
             mname = prefix_map[max(keys, key=len)] + tname[len(max(keys, key=len)):] if keys else tname
             if mname not in index:
                 raise KeyError(f"ModelEMA.attach_teacher: teacher parameter '{tname}' maps to '{mname}', "
                                "which has no EMA shadow")
-            if p.dtype != torch.bfloat16:
-                raise TypeError(f"ModelEMA.attach_teacher: teacher parameter '{tname}' must be bfloat16, "
-                                f"got {p.dtype}")
+            if p.dtype not in (torch.bfloat16, torch.float32):
+                raise TypeError(f"ModelEMA.attach_teacher: teacher parameter '{tname}' must be bfloat16 or "
+                                f"float32, got {p.dtype}")
             s = self.shadow[mname]
             if p.shape != s.shape:
                 raise ValueError(f"ModelEMA.attach_teacher: teacher parameter '{tname}' has shape {list(p.shape)} "
@@ -218,10 +226,15 @@ class ModelEMA:
                                  f"EMA of '{mname}' is on {s.device}")
             if not p.is_contiguous():
                 raise ValueError(f"ModelEMA.attach_teacher: teacher parameter '{tname}' must be contiguous")
-            if slots[index[mname]] is not None:
+            if mname in names:
                 raise ValueError(f"ModelEMA.attach_teacher: two teacher parameters map to '{mname}'")
-            slots[index[mname]] = p.detach()
+            if p.dtype == torch.float32:
+                shared.append((p, s))
+            else:
+                slots[index[mname]] = p.detach()
             names[mname] = tname
+        for p, s in shared:                      # checked first, changed after: no half-attached teacher
+            p.data = s
         self._teacher, self._teacher_names = slots, names
         self._refresh_teacher()
 

@@ -45,7 +45,7 @@ def make_case(b=3, t=10, d=16, hidden=24, c=12, k=3, s=None, seed=0, table=None)
     gen = torch.Generator().manual_seed(seed)
     s = t if s is None else s
     torch.manual_seed(seed)
-    heads = ForesightHeads(d, c, k, hidden=hidden)
+    heads = ForesightHeads(d, c, k, hidden=hidden, init_std=None)   # non-zero biases: every bias path is used
     with torch.no_grad():  # bf16-representable values, so fp32/bf16 runs start from the same numbers
         for p in heads.parameters():
             p.copy_(p.bfloat16().float())

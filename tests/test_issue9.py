@@ -159,8 +159,9 @@ def test_static_ema_k9_config_trains_one_step_with_a_frozen_teacher(code_store, 
     teacher = dict(run.source.module.named_parameters())
     before = {n: p.detach().clone() for n, p in teacher.items()}
     w = "layers.0.attention.wqkv.weight"
-    assert torch.equal(before[w], pre.state_dict()[w].bfloat16())
-    assert not torch.equal(before[w], dict(run.gpt.named_parameters())[w].detach().bfloat16())
+    assert before[w].dtype == torch.float32                              # foresight.target_dtype fp32
+    assert torch.equal(before[w], pre.state_dict()[w])
+    assert not torch.equal(before[w], dict(run.gpt.named_parameters())[w].detach())
     losses = _one_step(run)
     assert len(losses["head_loss"]) == 9 and all(math.isfinite(h) and h != 0 for h in losses["head_loss"])
     assert math.isfinite(losses["loss"]) and losses["loss"] != losses["ntp_loss"]
@@ -231,9 +232,9 @@ def test_online_encoder_reads_the_prepared_crops_and_trains(image_store, tmp_pat
     codes = vq.encode(images.float().div(255.0).sub(0.5).div(0.5))
     assert torch.equal(codes, batch["codes"])
     # the trainer's targets are the encoder's targets on the same crops
-    ref = EncoderTeacher("test_vit", enc, grid_size=4)
+    ref = EncoderTeacher("test_vit", enc, grid_size=4, dtype=torch.float32)   # foresight.target_dtype fp32
     got = run.runner.teacher_targets(batch)
-    assert got.shape == (2, 16, 64) and got.dtype == torch.bfloat16
+    assert got.shape == (2, 16, 64) and got.dtype == torch.float32
     assert torch.equal(got, ref.targets(images))
     # worker processes give the same crops
     from mirai.trainer.data import TrainLoader
@@ -273,6 +274,6 @@ def test_online_encoder_is_compiled_with_the_model_and_gives_the_same_targets(im
     run.loader.start(0)
     batch = next(iter(run.loader))
     got = run.runner.teacher_targets(batch)                      # through the compiled graph
-    want = EncoderTeacher("test_vit", enc, grid_size=4).targets(batch["images"])   # eager
-    assert got.shape == want.shape == (2, 16, 64) and got.dtype == torch.bfloat16
+    want = EncoderTeacher("test_vit", enc, grid_size=4, dtype=torch.float32).targets(batch["images"])   # eager
+    assert got.shape == want.shape == (2, 16, 64) and got.dtype == torch.float32
     torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)

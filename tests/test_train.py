@@ -90,11 +90,13 @@ def test_warmup_switches_on_after_warmup_epochs(code_store, tmp_path):
         assert by_step[s]["loss"] != by_step[s]["ntp_loss"]
 
 
-def test_ema_follows_the_formula_and_drives_the_teacher(code_store, tmp_path):
+@pytest.mark.parametrize("target_dtype", ["fp32", "bf16"])
+def test_ema_follows_the_formula_and_drives_the_teacher(code_store, tmp_path, target_dtype):
     from mirai.train import build_run
     decay = 0.9
     run = build_run(_cfg(code_store, tmp_path / "ema", "train.backend=single", "foresight.mode=ema",
-                         "foresight.warmup_epochs=0", f"foresight.ema_decay={decay}", f"ema.decay={decay}"))
+                         "foresight.warmup_epochs=0", f"foresight.ema_decay={decay}", f"ema.decay={decay}",
+                         f"foresight.target_dtype={target_dtype}"))
     params = lambda: {n: p.detach().clone() for n, p in run.gpt.named_parameters()}  # noqa: E731
     expected = params()                                          # EMA at step 0 = the initial weights
     run.loader.start(0)
@@ -108,6 +110,9 @@ def test_ema_follows_the_formula_and_drives_the_teacher(code_store, tmp_path):
         torch.testing.assert_close(run.ema_state.shadow[n], e, rtol=1e-6, atol=1e-7, msg=n)
     teacher = dict(run.source.module.named_parameters())
     for n in run.source.teacher_names:
+        if target_dtype == "fp32":                              # the fp32 teacher IS the EMA (shared storage)
+            assert teacher[n].data_ptr() == run.ema_state.shadow[n].data_ptr(), n
+            continue
         assert teacher[n].dtype == torch.bfloat16, n
         assert torch.equal(teacher[n], run.ema_state.shadow[n].to(torch.bfloat16)), n
 
@@ -118,7 +123,7 @@ def test_fused_optimizer_ema_matches_separate_passes(code_store, tmp_path):
     from mirai.optim import AdamWEMA
     from mirai.train import build_run
     common = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0", "foresight.ema_decay=0.9",
-              "ema.decay=0.9", "optim.grad_clip=0.05"]
+              "ema.decay=0.9", "optim.grad_clip=0.05", "foresight.target_dtype=bf16"]   # bf16: the pass writes it
     runs = {}
     for fused in (False, True):
         run = build_run(_cfg(code_store, tmp_path / f"fused_{fused}", *common, f"optim.fuse_ema={str(fused).lower()}"))

@@ -32,6 +32,7 @@ SCHEDULES = ("const", "step", "cosine")
 INJECTIONS = ("internal", "output")
 TEACHERS = ("online", "static")
 BACKENDS = ("auto", "fused", "reference")
+TARGET_DTYPES = ("bf16", "fp32")
 
 
 @dataclass
@@ -75,9 +76,14 @@ class ForesightConfig:
     """Hidden width of the MLP heads."""
     head_out: int | None = None
     """Head output size C; None = the teacher's width (model width for ema, encoder width for encoder)."""
-    head_init_std: float | None = None
-    """None = nn.Linear's default init per head; a float = N(0, std) weights and zero biases
-    (the released code's effective init, std 0.02)."""
+    head_init_std: float | None = 0.02
+    """MLP head init: a float = N(0, std) weights and zero biases (default 0.02: the released code, where
+    LlamaGen's ``_init_weights`` reaches the projectors' Linears too); None = nn.Linear's default init per
+    head (weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
+    head_bias_decay: bool = False
+    """Weight decay on the MLP heads' biases b1, b2, b3. False (default, the released code, whose per-head
+    Linear biases are 1-D and so never decayed): none. True: decay them like the weights (they are stacked
+    [K, H] tensors, so the ">= 2-D parameters are decayed" rule alone would decay them)."""
     lambdas: float | list[float] = 2.0
     """lambda_k at the start: one float for every head, or a per-head list of length k."""
     lambda_end: float | list[float] | None = None
@@ -104,6 +110,13 @@ class ForesightConfig:
     """The Mirai-I encoder."""
     use_precomputed_features: bool = False
     """Mirai-I: read the encoder's patch features from the code store instead of running it."""
+    target_dtype: str = "fp32"
+    """Precision of the targets: "fp32" (default, the released code's numerics) keeps the Mirai-E teacher's and
+    the online encoder's weights in fp32 (the online Mirai-E teacher IS the fp32 EMA, no rounded copy), runs
+    their pass under bf16 autocast (bf16 matmuls; residual stream, norms and output in fp32) and hands fp32
+    targets to the loss; "bf16" stores those weights in bf16, runs the pass in bf16 and hands bf16 targets
+    (about 0.65% relative error on the Mirai-E targets; half the teacher memory; docs/numerics.md has the
+    measurements). Precomputed features are stored in bf16 either way; this only sets their dtype."""
     backend: str = "auto"
     """Foresight loss backend for MLP heads: "auto" (fused CUDA, then fused CPU, then reference),
     "fused" or "reference" (the plain PyTorch path of ``mirai.ops.reference``)."""
@@ -153,6 +166,7 @@ class ForesightConfig:
         choice("injection", self.injection, INJECTIONS)
         choice("teacher", self.teacher, TEACHERS)
         choice("backend", self.backend, BACKENDS)
+        choice("target_dtype", self.target_dtype, TARGET_DTYPES)
         if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1):
             bad("k", f"must be a positive int (number of foresight heads), got {self.k!r}")
         k = self.k if self.k is not None else (1 if self.mode == "encoder" else 3)

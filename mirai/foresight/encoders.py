@@ -18,8 +18,10 @@ resamples the position embedding) or a timm / Hugging Face cache folder holding 
 
 ``targets(images)``: images [B, 3, H, W], uint8 in 0..255 or float in [0, 1] -> bicubic resize to
 the encoder input size (fp32) -> the encoder's normalisation (mean/std of its timm pretrained
-config: ImageNet's for all of the above) -> frozen encoder in bf16 under no_grad -> the
-final-norm patch tokens [B, T, C] (class and register tokens dropped), bf16.
+config: ImageNet's for all of the above) -> frozen encoder under no_grad -> the final-norm patch
+tokens [B, T, C] (class and register tokens dropped). ``dtype`` (``foresight.target_dtype``): bf16 =
+bf16 weights, a pure bf16 pass and bf16 tokens; fp32 = fp32 weights, a pass under bf16 autocast (bf16
+matmuls, fp32 residual stream and norms) and fp32 tokens.
 
 ``block_causal = b > 0`` (issue 9 diagnostic) restricts every self-attention layer with an
 explicit additive mask: patch i (raster order) attends to patch j iff j // b <= i // b; the
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +182,8 @@ class EncoderTeacher(nn.Module):
         grid_size: AR token grid side W (T = W * W targets).
         image_size: encoder input side; None = patch * grid_size (checked otherwise).
         block_causal: block size of the block-causal diagnostic mask (0 = off).
-        dtype: compute dtype of the encoder (bf16 by default).
+        dtype: the weights' and the tokens' dtype: bf16 (default; a pure bf16 pass) or fp32 (a pass
+            under bf16 autocast), see the module docstring.
         timm_kwargs: extra ``timm.create_model`` arguments (tests build tiny ViTs this way).
     """
 
@@ -249,8 +253,12 @@ class EncoderTeacher(nn.Module):
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised patch tokens [B, T, C] (bf16) of the images."""
-        tokens = self.model.forward_features(self.preprocess(images))    # [B, P + T, C]
+        """Normalised patch tokens [B, T, C] (in the encoder's dtype) of the images."""
+        x = self.preprocess(images)
+        autocast = (torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
+                    if self.compute_dtype == torch.float32 else nullcontext())
+        with autocast:
+            tokens = self.model.forward_features(x).to(self.compute_dtype)   # [B, P + T, C]
         t = self.grid_size * self.grid_size
         if tokens.shape[1] != self.num_prefix_tokens + t:
             raise RuntimeError(f"encoder {self.name!r} returned {tokens.shape[1]} tokens, expected "

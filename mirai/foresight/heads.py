@@ -11,10 +11,15 @@ so batched GEMMs use them directly (the fused kernel in ``mirai.ops.foresight`` 
     w2 [K, hidden, hidden]   b2 [K, hidden]
     w3 [K, out_dim, hidden]  b3 [K, out_dim]
 
-Initialised like ``nn.Linear`` per head (weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)));
-``init_std`` set instead draws weights from N(0, init_std) with zero biases, which is what the
-released code effectively did (LlamaGen's ``_init_weights`` applied N(0, 0.02) to every Linear,
-the projectors included). For 768 -> 768 with hidden 2048: 7,344,896 parameters per head.
+Init (``init_std``): 0.02 by default = weights from N(0, 0.02) and zero biases, which is what the
+released code did (LlamaGen's ``_init_weights`` applied N(0, 0.02) to every Linear, the projectors
+included); ``init_std=None`` = ``nn.Linear``'s init per head (weights and biases
+U(-1/sqrt(fan_in), 1/sqrt(fan_in))). For 768 -> 768 with hidden 2048: 7,344,896 parameters per head.
+
+Weight decay: the stacked biases are 2-D, so a ">= 2-D parameters are decayed" rule would decay them,
+unlike the released code's 1-D per-head biases. ``no_weight_decay_params()`` names the parameters the
+optimizer must not decay whatever their shape (the biases, unless ``bias_decay=True``);
+``mirai.trainer.engine.param_groups`` asks every module for it.
 
 kind "transformer" (the paper's ablation head): per head a pre-norm transformer block at width
 in_dim (LayerNorm, 4-head self-attention, residual, LayerNorm-MLP with ratio 4 and GELU,
@@ -70,8 +75,9 @@ class ForesightHeads(nn.Module):
     """K projection heads, ``forward(h[B,T,D]) -> [K,B,T,C]``; see the module docstring."""
 
     def __init__(self, in_dim: int, out_dim: int, k: int, hidden: int = 2048, kind: str = "mlp",
-                 init_std: float | None = None):
+                 init_std: float | None = 0.02, bias_decay: bool = False):
         super().__init__()
+        self.bias_decay = bool(bias_decay)
         if kind not in HEAD_KINDS:
             raise ValueError(f"head kind must be one of {HEAD_KINDS}, got {kind!r}")
         for name, v in (("in_dim", in_dim), ("out_dim", out_dim), ("k", k), ("hidden", hidden)):
@@ -96,9 +102,16 @@ class ForesightHeads(nn.Module):
                         nn.init.normal_(m.weight, std=init_std)
                         nn.init.zeros_(m.bias)
 
+    def no_weight_decay_params(self) -> list[nn.Parameter]:
+        """Parameters the optimizer must not decay whatever their shape: the stacked MLP biases
+        (none with ``bias_decay=True``; the transformer kind's biases are 1-D anyway)."""
+        if self.kind != "mlp" or self.bias_decay:
+            return []
+        return [self.b1, self.b2, self.b3]
+
     @torch.no_grad()
-    def reset_parameters(self, init_std: float | None = None) -> None:
-        """nn.Linear init per head (or N(0, init_std) weights and zero biases)."""
+    def reset_parameters(self, init_std: float | None = 0.02) -> None:
+        """N(0, init_std) weights and zero biases (init_std None: nn.Linear's init per head)."""
         if self.kind != "mlp":
             raise RuntimeError("reset_parameters is defined for kind='mlp' only")
         for w, b in ((self.w1, self.b1), (self.w2, self.b2), (self.w3, self.b3)):

@@ -91,7 +91,7 @@ class ForesightObjective(nn.Module):
         dim = int(model_cfg.dim)
         if cfg.injection == "internal":
             self.heads = ForesightHeads(dim, cfg.head_out, cfg.k, hidden=cfg.head_hidden, kind=cfg.head_kind,
-                                        init_std=cfg.head_init_std)
+                                        init_std=cfg.head_init_std, bias_decay=cfg.head_bias_decay)
             table = neighbour_table(grid, cfg.k, cfg.layout, cfg.source, input_cells=input_cells)
             self._fused = _resolve_fused() if (cfg.head_kind == "mlp" and cfg.backend != "reference") else None
         else:

@@ -1,18 +1,23 @@
 """Foresight target sources: where the teacher tensor [B, S, C] of the loss comes from.
 
 * ``EMATeacher`` (Mirai-E): the first ``layer`` blocks (+ embeddings) of the AR model itself,
-  a separate bf16 module in eval mode (no dropout, no class dropout) with requires_grad False,
-  run on the same tokens under no_grad: ``targets(idx, cond_idx) -> [B, T, D]`` (S = T, the
-  teacher's own sequence positions; ``neighbour_table(source="ema")`` indexes it).
+  a separate module in eval mode (no dropout, no class dropout) with requires_grad False, run on
+  the same tokens under no_grad and bf16 autocast: ``targets(idx, cond_idx) -> [B, T, D]`` (S = T,
+  the teacher's own sequence positions; ``neighbour_table(source="ema")`` indexes it). Its weights
+  and targets are in the ``foresight.target_dtype`` (fp32 by default, or bf16).
   Online mode: its parameters carry the same names as the model's (``tok_embeddings.weight``,
   ``layers.0.attention.wqkv.weight``, ...), so ``mirai.ema.ModelEMA.attach_teacher(teacher.module,
-  prefix_map)`` refreshes them in the fused EMA pass (the teacher at step t+1 is the EMA after
-  step t; no state-dict copies). It starts as a bf16 copy of the model's weights (EMA at step 0).
+  prefix_map)`` keeps them equal to the EMA (fp32: they share the EMA's storage; bf16: the fused
+  EMA pass writes them): the teacher at step t+1 is the EMA after step t, with no state-dict copies.
+  It starts as a copy of the model's weights (EMA at step 0).
   Static mode (``static_ckpt``): frozen weights read once from a checkpoint file (its "ema"
   entry, else "model", else the file is a bare state dict); never attach it to the EMA.
 * ``EncoderTeacher`` (Mirai-I, online): see ``mirai.foresight.encoders``.
 * ``PrecomputedFeatures`` (Mirai-I, offline): encoder patch features stored in the code store
-  (bf16, [Tf, C] per sample); ``targets(features[B, Tf, C]) -> [B, T, C]`` checks the grid.
+  (bf16, [Tf, C] per sample); ``targets(features[B, Tf, C]) -> [B, T, C]`` checks the grid and
+  casts to the target dtype.
+
+``TARGET_DTYPES`` maps ``foresight.target_dtype`` ("bf16" / "fp32") to the torch dtype.
 
 ``build_source(cfg, model)`` picks the source of a resolved ``ForesightConfig``.
 
@@ -30,15 +35,19 @@ import torch.nn as nn
 
 from mirai.foresight.config import ForesightConfig
 
+TARGET_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
 
 class EMATeacher(nn.Module):
-    """bf16, eval-mode, frozen copy of the first ``layer`` blocks (+ embeddings) of a GPT.
+    """Eval-mode, frozen copy of the first ``layer`` blocks (+ embeddings) of a GPT.
 
     Args:
         model: the (unwrapped) ``mirai.models.gpt.Transformer`` being trained.
         layer: number of blocks of the teacher (its output is the residual stream after block ``layer``).
         static_ckpt: checkpoint file of a static teacher; None = online (weights copied from ``model``).
-        dtype: teacher parameter / compute dtype (bf16).
+        dtype: the weights' and the targets' dtype (``foresight.target_dtype``): bf16 or fp32. The pass
+            runs under bf16 autocast either way (bf16 matmuls; with fp32 weights the residual stream
+            stays fp32, with bf16 weights it is bf16).
     """
 
     def __init__(self, model: nn.Module, layer: int, static_ckpt: str | Path | None = None,
@@ -76,8 +85,8 @@ class EMATeacher(nn.Module):
         # the teacher holds (and the EMA refreshes) only the weights it uses.
         teacher.norm = None
         teacher.output = None
-        # Parameters in bf16 (buffers such as RoPE tables keep their precision); the forward runs
-        # under bf16 autocast so mixed dtypes are fine on CPU and CUDA.
+        # Parameters in the target dtype (buffers such as RoPE tables keep their precision); the forward
+        # runs under bf16 autocast so mixed dtypes are fine on CPU and CUDA.
         for p in teacher.parameters():
             p.data = p.data.to(dtype)
         teacher.requires_grad_(False)
@@ -96,10 +105,10 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def targets(self, idx: torch.Tensor, cond_idx: torch.Tensor,
                 drop_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Residual stream after block ``layer`` on the same tokens: [B, T, D] (bf16).
+        """Residual stream after block ``layer`` on the same tokens: [B, T, D] in ``self.dtype``.
         ``drop_labels`` (bool [B], optional) forces the null class where True; by default the teacher
         sees the true labels (eval mode: no class dropout), as in the paper and the released code."""
-        with torch.autocast(device_type=cond_idx.device.type, dtype=self.dtype):
+        with torch.autocast(device_type=cond_idx.device.type, dtype=torch.bfloat16):
             out = self.module(idx, cond_idx, upto_layer=self.layer, drop_labels=drop_labels)
         return out.hidden[self.layer].to(self.dtype)
 
@@ -107,13 +116,15 @@ class EMATeacher(nn.Module):
 
 
 class PrecomputedFeatures:
-    """Encoder patch features read from the code store: ``targets(features[B,Tf,C]) -> [B,T,C]`` bf16."""
+    """Encoder patch features read from the code store: ``targets(features[B,Tf,C]) -> [B,T,C]`` in ``dtype``."""
 
-    def __init__(self, grid_size: int, dim: int | None = None, name: str | None = None):
-        self.grid_size, self.dim, self.name = int(grid_size), dim, name
+    def __init__(self, grid_size: int, dim: int | None = None, name: str | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        self.grid_size, self.dim, self.name, self.dtype = int(grid_size), dim, name, dtype
 
     @classmethod
-    def from_store(cls, store, grid_size: int, name: str | None = None) -> "PrecomputedFeatures":
+    def from_store(cls, store, grid_size: int, name: str | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> "PrecomputedFeatures":
         """Check a ``mirai.data.format.CodeStore``'s features against the token grid (and encoder name)."""
         meta = store.meta.get("features")
         meta_path = Path(store.root) / "meta.json"
@@ -125,7 +136,7 @@ class PrecomputedFeatures:
                              f"the token grid is {grid_size}x{grid_size}")
         if name is not None and meta.get("name") not in (None, "features", name):
             raise ValueError(f"{meta_path}: features of encoder {meta.get('name')!r}, config asks for {name!r}")
-        return cls(grid_size, int(meta["dim"]), meta.get("name"))
+        return cls(grid_size, int(meta["dim"]), meta.get("name"), dtype)
 
     def targets(self, features: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         if features.dim() != 3 or features.shape[1] != self.grid_size ** 2:
@@ -134,7 +145,7 @@ class PrecomputedFeatures:
         if self.dim is not None and features.shape[2] != self.dim:
             raise ValueError(f"precomputed features have C = {features.shape[2]}, expected {self.dim}")
         return features.to(device=device if device is not None else features.device,
-                           dtype=torch.bfloat16, non_blocking=True)
+                           dtype=self.dtype, non_blocking=True)
 
     __call__ = targets
 
@@ -145,14 +156,15 @@ def build_source(cfg: ForesightConfig, model: nn.Module, device: torch.device | 
     if not cfg.enabled or cfg.injection == "output":
         return None
     grid = model.config.grid_size
+    dtype = TARGET_DTYPES[cfg.target_dtype]
     if cfg.mode == "ema":
         ckpt = cfg.static_teacher_ckpt if cfg.teacher == "static" else None
-        return EMATeacher(model, cfg.teacher_layer or cfg.layer, static_ckpt=ckpt)
+        return EMATeacher(model, cfg.teacher_layer or cfg.layer, static_ckpt=ckpt, dtype=dtype)
     if cfg.use_precomputed_features:
-        return PrecomputedFeatures(grid, cfg.head_out, cfg.encoder.name)
+        return PrecomputedFeatures(grid, cfg.head_out, cfg.encoder.name, dtype=dtype)
     from mirai.foresight.encoders import EncoderTeacher
     enc = EncoderTeacher(cfg.encoder.name, cfg.encoder.weights, grid, image_size=cfg.encoder.image_size,
-                         block_causal=cfg.encoder.block_causal)
+                         block_causal=cfg.encoder.block_causal, dtype=dtype)
     return enc.to(device) if device is not None else enc
 
 

@@ -10,9 +10,7 @@ Backend (``train.backend``): ``deepspeed`` (ZeRO 0..3), ``ddp`` (torch Distribut
 one rank, and on one H100 DeepSpeed's per-parameter step bookkeeping made a GPT-B step 2.2x slower
 than the plain engine), else deepspeed when importable, else ddp. Without CUDA, DeepSpeed runs with ``DS_ACCELERATOR=cpu``
 (set here before deepspeed is imported) and every process group uses gloo.
-
-Also: helpers for ZeRO-3 shards (gather a flat local partition back to the full tensor, slice a
-full tensor into this rank's partition) used by the EMA and checkpoint code.
+(Sharded fp32 masters and their reassembly: ``mirai.trainer.shards``.)
 """
 from __future__ import annotations
 
@@ -132,22 +130,3 @@ def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------- ZeRO-3 shards
-def gather_partition(shard: torch.Tensor, numel: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Full tensor from every rank's flat partition (rank order, padded): [P] -> `shape` (collective)."""
-    world = dist.get_world_size()
-    parts = [torch.empty_like(shard) for _ in range(world)]
-    dist.all_gather(parts, shard.contiguous())
-    return torch.cat(parts)[:numel].view(shape)                    # [world * P] -> [numel] -> shape
-
-
-def slice_partition(full: torch.Tensor, partition_numel: int, rank: int) -> torch.Tensor:
-    """This rank's flat partition of `full` (zero-padded past its end): -> [partition_numel]."""
-    flat = full.reshape(-1)                                        # [numel]
-    start = rank * partition_numel
-    out = torch.zeros(partition_numel, dtype=full.dtype, device=full.device)
-    piece = flat[start:start + partition_numel]
-    out[: piece.numel()] = piece
-    return out

@@ -1,8 +1,8 @@
 """The trained module and the engines that run it: DeepSpeed (ZeRO 0..3), torch DDP, single process.
 
 ``TrainModule`` is the ONLY module an engine wraps: the GPT plus the ``ForesightObjective`` (heads).
-Its forward takes a batch of codes and labels, the teacher targets computed outside (no grad, bf16;
-None for the baseline, during warm-up, and for the output-injection ablation) and the per-head
+Its forward takes a batch of codes and labels, the teacher targets computed outside (no grad, in
+``foresight.target_dtype``; None for the baseline, during warm-up, and for the output-injection ablation) and the per-head
 coefficients (host floats while they are all zero, else a [K] fp32 device tensor), and returns three tensors:
 ``loss`` (NTP + sum_k lambda_k L_k, the one that is back-propagated), ``ntp`` and ``per_head [K]``
 (both detached, for logging). The EMA, the Mirai-E teacher and the frozen encoder are NOT in it.
@@ -11,14 +11,17 @@ Engines share one interface (``Engine``): ``forward(...)``, ``backward(loss)``, 
 per micro-batch (the optimizer applies at the gradient-accumulation boundary), ``set_lr``,
 ``grad_norm()`` (host value; log steps only), ``save(dir)`` / ``load(dir)`` of the engine state,
 ``full_state_dicts()`` (fp32 master weights of the GPT and the heads, consolidated on rank 0;
-collective), and ``ema_params()`` (what the EMA averages: the full parameters, or under ZeRO-3 the
-local flat partitions ``p.ds_tensor``).
+collective), ``ema_params()`` (what the EMA averages: the GPT's fp32 master weights under every engine,
+as the released code and LlamaGen average fp32 weights, never the bf16 module parameters DeepSpeed
+computes with) and ``ema_shards()`` (None where ``ema_params()`` are whole tensors on every rank;
+under ZeRO-1/2/3 the masters are sharded, each rank handing its own pieces, see ``mirai.trainer.shards``).
 
 Optimizer: one client optimizer built here so DeepSpeed builds no op: apex ``FusedAdam`` (AdamW mode)
 when importable on CUDA, else ``torch.optim.AdamW`` with ``fused=True`` on CUDA / ``foreach=True`` on
 CPU; with ``optim.fuse_ema`` (plain engine) ``mirai.optim.AdamWEMA``, which also applies the model EMA
 (``EMAState`` attaches it) and the gradient clip in its one pass. Two parameter groups: weight decay on
-parameters with >= 2 dimensions (matrices, embeddings, stacked head weights), none on norms and biases. The learning rate is set by the trainer every step.
+parameters with >= 2 dimensions (matrices, embeddings, stacked head weights), none on norms and biases
+(the heads' stacked biases included: ``param_groups``). The learning rate is set by the trainer every step.
 
 DeepSpeed config (built from the dataclass, see ``deepspeed_config``): train_batch_size,
 train_micro_batch_size_per_gpu, gradient_accumulation_steps, gradient_clipping, bf16.enabled,
@@ -38,6 +41,7 @@ import torch.nn as nn
 
 from mirai.checkpoint import load_file, save_file
 from mirai.trainer.distributed import Runtime
+from mirai.trainer.shards import Shard
 
 
 # --------------------------------------------------------------------------- the trained module
@@ -74,12 +78,15 @@ class TrainModule(nn.Module):
 
 # --------------------------------------------------------------------------- optimizer
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay on >= 2-D parameters only (LlamaGen / nanoGPT rule)."""
+    """Decay on >= 2-D parameters (LlamaGen / nanoGPT rule), except those a submodule lists in its
+    ``no_weight_decay_params()`` (the foresight heads' stacked [K, H] biases: biases, though 2-D)."""
+    exempt = {id(p) for m in module.modules() if hasattr(m, "no_weight_decay_params")
+              for p in m.no_weight_decay_params()}
     decay, no_decay = [], []
     for _, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (decay if p.dim() >= 2 and id(p) not in exempt else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
@@ -175,8 +182,14 @@ class Engine:
         raise NotImplementedError
 
     def ema_params(self) -> list[tuple[str, torch.Tensor]]:
-        """(GPT parameter name, tensor the EMA averages) pairs, in a fixed order."""
+        """(GPT parameter name, fp32 master tensor the EMA averages) pairs, in a fixed order: the parameters
+        themselves here (fp32; bf16 runs use autocast)."""
         return [(n, p) for n, p in self.module.gpt.named_parameters()]
+
+    def ema_shards(self) -> dict[str, Shard] | None:
+        """None: ``ema_params()`` are whole tensors on every rank. Else GPT parameter name -> ``Shard`` (which
+        elements of the parameter this rank's ``ema_params()`` tensor holds)."""
+        return None
 
     def train(self) -> None:
         self.module.train()
@@ -359,14 +372,55 @@ class DeepSpeedEngine(Engine):
         return (gpt, obj) if main else ({}, None)
 
     def ema_params(self):
-        if not self.zero3:
-            return super().ema_params()
-        return [(n, p.ds_tensor) for n, p in self.module.gpt.named_parameters()]
+        return self._fp32_masters()[0]
 
-    def zero3_meta(self) -> dict[str, tuple[int, torch.Size, int]]:
-        """name -> (numel, full shape, partition numel) of every GPT parameter (ZeRO-3)."""
-        return {n: (int(p.ds_numel), p.ds_shape, int(p.ds_tensor.numel()))
-                for n, p in self.module.gpt.named_parameters()}
+    def ema_shards(self):
+        return self._fp32_masters()[1]
+
+    def _fp32_masters(self) -> tuple[list[tuple[str, torch.Tensor]], dict[str, Shard] | None]:
+        """The GPT's fp32 master weights as DeepSpeed holds them: (name, tensor) pairs and their shards.
+
+        ZeRO-3: the fp32 partition matching ``p.ds_tensor``, a view into the optimizer's
+        ``fp32_partitioned_groups_flat`` (where ``safe_get_local_fp32_param`` reads it, without that call's
+        stream synchronisation). ZeRO-1/2 (and the bf16 optimizer): ``p._hp_mapping.hp_fragment``, the
+        fragment of the parameter in this rank's fp32 partition (an empty tensor where there is none).
+        ZeRO-0: the fp16/bf16 wrapper's fp32 copies (``_fp32_lookup``), or the parameters when DeepSpeed
+        runs in fp32 without a wrapper. Cached while the mappings and flat buffers stay the same objects
+        (a checkpoint load re-links them)."""
+        opt = self.ds_optimizer
+        named = list(self.module.gpt.named_parameters())
+        if self.zero3:
+            key = tuple(t.data_ptr() for t in opt.fp32_partitioned_groups_flat)
+        else:
+            key = tuple(id(getattr(p, "_hp_mapping", None)) for _, p in named)
+        cached = getattr(self, "_masters_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        pairs: list[tuple[str, torch.Tensor]] = []
+        shards: dict[str, Shard] | None = {}
+        if self.zero3:
+            rank = self.runtime.rank
+            for n, p in named:
+                group, offset, count = opt.grad_position[opt.get_param_id(p)]
+                pairs.append((n, opt.fp32_partitioned_groups_flat[group].narrow(0, offset, count)))
+                start = rank * int(p.ds_tensor.numel())
+                shards[n] = Shard(tuple(p.ds_shape), start, max(0, min(count, int(p.ds_numel) - start)))
+        elif all(hasattr(p, "_hp_mapping") for _, p in named):
+            for n, p in named:
+                mapping = p._hp_mapping
+                if mapping is None:
+                    pairs.append((n, torch.empty(0, dtype=torch.float32, device=p.device)))
+                    shards[n] = Shard(tuple(p.shape), 0, 0)
+                else:
+                    pairs.append((n, mapping.hp_fragment.view(-1)))
+                    address = mapping.lp_fragment_address
+                    shards[n] = Shard(tuple(p.shape), int(address.start), int(address.numel))
+        else:
+            lookup = self._fp32_lookup()
+            pairs = [(n, lookup.get(id(p), p)) for n, p in named]
+            shards = None
+        self._masters_cache = (key, pairs, shards)
+        return pairs, shards
 
 
 def deepspeed_config(cfg, world_size: int, device: torch.device) -> dict[str, Any]:

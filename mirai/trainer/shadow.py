@@ -1,20 +1,22 @@
-"""The model EMA and the Mirai-E online teacher, kept outside the engine, for every ZeRO stage.
+"""The model EMA and the Mirai-E online teacher, kept outside the engine, for every engine and ZeRO stage.
 
 ``EMAState`` wraps ``mirai.ema.ModelEMA`` (fp32 shadows, one fused ``ema_update_`` per step, or, with
-``optim.fuse_ema``, inside the optimizer's own pass: ``mirai.optim.AdamWEMA``, plain engine only):
+``optim.fuse_ema``, inside the optimizer's own pass: ``mirai.optim.AdamWEMA``, plain engine only). It
+averages the fp32 MASTER weights (``Engine.ema_params()``), as the released code and LlamaGen do: under
+DeepSpeed bf16 the module's parameters are bf16 roundings of the masters, which are never averaged.
 
-* ZeRO 0/1/2 (and the plain / DDP path): every rank holds full parameters, the EMA averages them
-  (bf16 under DeepSpeed bf16, fp32 otherwise) into full fp32 shadows. The online teacher
-  (``EMATeacher.module``, bf16, same parameter names) is attached with ``attach_teacher`` so the
-  same fused pass writes the new EMA, rounded to bf16, into the teacher: the teacher at step t+1 is
-  the EMA after step t, with no state-dict copies.
-* ZeRO-3: each rank averages only its own flat partitions ``p.ds_tensor`` (shadows are flat local
-  partitions); the teacher's full weights are then refreshed by all-gathering the teacher's EMA
-  partitions (one collective per teacher tensor; correctness over speed).
+* Whole masters on every rank (single process, DDP, DeepSpeed ZeRO-0): full fp32 shadows. The online
+  teacher (``EMATeacher.module``, same parameter names) is attached with ``attach_teacher``: a bf16
+  teacher is written as ``bf16(EMA)`` in the same fused pass, an fp32 teacher shares the shadows'
+  storage. Either way the teacher at step t+1 is the EMA after step t, with no state-dict copies.
+* Sharded masters (ZeRO-1/2: this rank's fragments of DeepSpeed's fp32 partitions; ZeRO-3: the fp32
+  partitions matching ``p.ds_tensor``): each rank averages its own pieces (``Engine.ema_shards()``;
+  shadows are shaped like the pieces) and the teacher's full weights are refreshed after every update by
+  ``mirai.trainer.shards.gather_full`` (bucketed all-reduces in the teacher's dtype).
 
 ``full_state_dict()`` returns the full fp32 EMA keyed by GPT parameter names (LlamaGen keys) on
-rank 0 (collective under ZeRO-3); ``load_full_state_dict`` takes that form on any stage (slicing
-this rank's partitions under ZeRO-3), so checkpoints of the EMA do not depend on the world size.
+rank 0 (collective when sharded); ``load_full_state_dict`` takes that form on any stage (keeping
+this rank's pieces when sharded), so checkpoints of the EMA do not depend on the world size or stage.
 """
 from __future__ import annotations
 
@@ -24,32 +26,38 @@ import torch
 import torch.nn as nn
 
 from mirai.ema import ModelEMA
-from mirai.trainer.distributed import gather_partition, slice_partition
+from mirai.trainer.shards import gather_full
 
 
 class EMAState:
-    """EMA of the GPT (+ teacher refresh); see the module docstring."""
+    """EMA of the GPT's fp32 masters (+ teacher refresh); see the module docstring."""
 
     def __init__(self, engine, decay: float, warmup: str = "none", teacher: nn.Module | None = None,
                  teacher_names: list[str] | None = None):
         self.engine = engine
-        self.zero3 = bool(getattr(engine, "zero3", False))
         self.is_main = engine.runtime.is_main
         self.ema = ModelEMA(engine.ema_params(), decay=decay, warmup=warmup)
+        self.shards = engine.ema_shards()               # None: whole tensors on every rank
         self.teacher = teacher
         self.teacher_names = list(teacher_names) if teacher_names is not None else (
             [n for n, _ in teacher.named_parameters()] if teacher is not None else [])
-        self._meta = engine.zero3_meta() if self.zero3 else None
-        if teacher is not None and not self.zero3:
-            self.ema.attach_teacher(teacher)
+        if teacher is not None:
+            if self.sharded:
+                self.refresh_teacher()
+            else:
+                self.ema.attach_teacher(teacher)
         # an optimizer that applies the EMA in its own pass (optim.fuse_ema: mirai.optim.AdamWEMA)
-        self.fused = hasattr(engine.optimizer, "attach_ema") and not self.zero3
+        self.fused = hasattr(engine.optimizer, "attach_ema") and not self.sharded
         if self.fused:
             engine.optimizer.attach_ema(self.ema.fused_pairs(engine.ema_params()))
 
     @property
     def shadow(self) -> dict[str, torch.Tensor]:
         return self.ema.shadow
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards is not None
 
     def before_step(self, step: int) -> None:
         """Before optimizer step `step`: a fused optimizer is handed this step's decay."""
@@ -66,39 +74,38 @@ class EMAState:
             self.ema.mark_updated(step)
             return
         self.ema.update(self.engine.ema_params(), step=step)
-        if self.teacher is not None and self.zero3:
-            self._refresh_teacher_zero3()
-
-    @torch.no_grad()
-    def _refresh_teacher_zero3(self) -> None:
-        params = dict(self.teacher.named_parameters())
-        for name in self.teacher_names:
-            numel, shape, _ = self._meta[name]
-            full = gather_partition(self.ema.shadow[name], numel, shape)          # [P] x world -> shape
-            params[name].copy_(full.to(params[name].dtype))
+        if self.sharded:
+            self.refresh_teacher()
 
     @torch.no_grad()
     def refresh_teacher(self) -> None:
-        """Teacher := bf16(EMA) (after loading a checkpoint)."""
+        """Teacher := EMA (rounded to the teacher's dtype): at start and after loading a checkpoint, and after
+        every update when sharded (collective then)."""
         if self.teacher is None:
             return
-        if self.zero3:
-            self._refresh_teacher_zero3()
-            return
         params = dict(self.teacher.named_parameters())
+        if self.sharded:
+            names = self.teacher_names
+            dtype = params[names[0]].dtype if names else torch.float32
+            fulls = gather_full([self.ema.shadow[n] for n in names], [self.shards[n] for n in names], dtype)
+            for name, full in zip(names, fulls):
+                params[name].copy_(full)
+            return
         for name in self.teacher_names:
-            params[name].copy_(self.ema.shadow[name].to(params[name].dtype))
+            if params[name].data_ptr() != self.ema.shadow[name].data_ptr():   # an fp32 teacher IS the EMA
+                params[name].copy_(self.ema.shadow[name])
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 EMA on CPU, on rank 0 ({} elsewhere); collective under ZeRO-3."""
+        """Full fp32 EMA on CPU, on rank 0 ({} elsewhere); collective when sharded."""
+        names = list(self.ema.shadow)
+        if self.sharded:
+            fulls = gather_full([self.ema.shadow[n] for n in names], [self.shards[n] for n in names],
+                                torch.float32)
+        else:
+            fulls = (self.ema.shadow[n] for n in names)
         out: dict[str, torch.Tensor] = {}
-        for name, shadow in self.ema.shadow.items():
-            if self.zero3:
-                numel, shape, _ = self._meta[name]
-                full = gather_partition(shadow, numel, shape)
-            else:
-                full = shadow
+        for name, full in zip(names, fulls):
             if self.is_main:
                 out[name] = full.detach().float().cpu().clone()
         return out
@@ -112,21 +119,20 @@ class EMAState:
         if missing or unexpected:
             raise CheckpointError(f"{where}: EMA keys do not match the model (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]})")
-        rank = self.engine.runtime.rank
         for name, shadow in self.ema.shadow.items():
             value = sd[name]
-            if self.zero3:
-                numel, shape, part = self._meta[name]
-                if tuple(value.shape) != tuple(shape):
-                    raise CheckpointError(f"{where}: {name} has shape {tuple(value.shape)}, model {tuple(shape)}")
-                value = slice_partition(value.to(shadow.device), part, rank)
-            elif tuple(value.shape) != tuple(shadow.shape):
-                raise CheckpointError(f"{where}: {name} has shape {tuple(value.shape)}, model {tuple(shadow.shape)}")
-            shadow.copy_(value.to(device=shadow.device, dtype=shadow.dtype))
+            shape = self.shards[name].shape if self.sharded else tuple(shadow.shape)
+            if tuple(value.shape) != tuple(shape):
+                raise CheckpointError(f"{where}: {name} has shape {tuple(value.shape)}, model {tuple(shape)}")
+            value = value.to(device=shadow.device, dtype=shadow.dtype)
+            if self.sharded:
+                self.shards[name].take(value, shadow)
+            else:
+                shadow.copy_(value)
         if num_updates is not None:
             self.ema.num_updates = int(num_updates)
         self.refresh_teacher()
 
     def info(self) -> dict[str, Any]:
         return {"decay": float(self.ema.decay), "warmup": self.ema.warmup, "num_updates": int(self.ema.num_updates),
-                "zero3_partitions": self.zero3}
+                "averages": "fp32 master weights", "sharded": self.sharded}

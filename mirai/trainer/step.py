@@ -6,9 +6,10 @@
 2. foresight coefficients ``coefficients(cfg, step, total_steps, epoch)`` (host floats; all zero
    during the Mirai-E warm-up epochs);
 3. per micro-batch: host-to-device copy (non-blocking from pinned memory); the teacher targets
-   outside the engine under no_grad (EMA teacher forward in bf16 on the EMA weights, precomputed
-   encoder features, or an online encoder on ``batch["images"]``), skipped while the coefficients
-   are zero; the engine forward / backward / step; losses accumulated in a device-side meter;
+   outside the engine under no_grad (EMA teacher forward under bf16 autocast on the EMA weights,
+   precomputed encoder features, or an online encoder on ``batch["images"]``), in
+   ``foresight.target_dtype``, skipped while the coefficients are zero; the engine forward /
+   backward / step; losses accumulated in a device-side meter;
 4. the EMA update (which also refreshes the online teacher); with ``optim.fuse_ema`` the optimizer
    applies it in its own pass and the EMA state only books it.
 
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from mirai.foresight.schedules import coefficients
-from mirai.foresight.sources import EMATeacher, PrecomputedFeatures
+from mirai.foresight.sources import TARGET_DTYPES, EMATeacher, PrecomputedFeatures
 from mirai.trainer.data import to_device
 from mirai.trainer.engine import Engine, lr_at
 from mirai.trainer.logging import LossMeter
@@ -42,6 +43,7 @@ class StepRunner:
         self.base_lr = float(base_lr)
         self.total_steps = int(total_steps)
         self.k = engine.module.k
+        self.target_dtype = TARGET_DTYPES[fcfg.target_dtype]   # what the loss gets, whatever the source holds
         self.meter = LossMeter(self.k, engine.device)
         self.last_coeffs: list[float] = []
         self.last_lr = 0.0
@@ -67,6 +69,10 @@ class StepRunner:
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        targets = self._targets(batch)
+        return None if targets is None else targets.to(self.target_dtype)
+
+    def _targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         src = self.source
         if src is None:
             return None
@@ -76,7 +82,7 @@ class StepRunner:
             idx, _ = self.engine.module.gpt.prepare_inputs(batch["codes"])
             return src.targets(idx, batch["labels"])
         if "images" in batch:          # online encoder: uint8 crops (data.images, or the step benchmark's)
-            return src(batch["images"])              # EncoderTeacher.forward: [B, T, C] bf16, raster cells
+            return src(batch["images"])              # EncoderTeacher.forward: [B, T, C], raster cells
         raise ValueError(f"foresight source {type(src).__name__}: the batch has no input for it "
                          f"(keys {sorted(batch)}); Mirai-I needs data.features or data.images")
 

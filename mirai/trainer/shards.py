@@ -1,0 +1,78 @@
+"""Pieces of parameters held by one rank (ZeRO fp32 masters) and the collective that reassembles them.
+
+A ``Shard`` says which elements of a parameter a rank's local tensor holds: the first ``length``
+elements of the flattened local tensor are the parameter's flattened elements ``[start, start + length)``;
+elements of the local tensor past ``length`` are padding (ZeRO-3 pads the last rank's partition).
+Every element of a parameter is held by exactly one rank:
+
+* ZeRO-1/2 (and DeepSpeed's bf16 optimizer): the fragment of the parameter inside this rank's fp32
+  partition (``p._hp_mapping``: ``lp_fragment_address`` start / numel, ``hp_fragment`` the fp32 values);
+  ``length`` is 0 where the parameter lies wholly in another rank's partition.
+* ZeRO-3: the fp32 partition matching ``p.ds_tensor`` (P = ``ds_tensor.numel()`` elements):
+  ``start = rank * P``, ``length = min(P, numel - start)`` clipped at 0.
+
+``gather_full(locals, shards, dtype)`` yields the full tensors (``shards[i].shape``, in ``dtype``) in
+order: each rank writes its pieces into zero-filled buckets of at most ``BUCKET_NUMEL`` elements and one
+all-reduce (sum) per bucket completes them. The sum is exact in any dtype, every element having exactly
+one non-zero contribution. It is a collective: every rank calls it with the same shapes in the same order.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+#: elements per all-reduce bucket (128 MiB of bf16 / 256 MiB of fp32)
+BUCKET_NUMEL = 1 << 26
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's piece of one parameter (see the module docstring)."""
+
+    shape: tuple[int, ...]
+    start: int
+    length: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def take(self, full: torch.Tensor, local: torch.Tensor) -> None:
+        """Copy this rank's piece of ``full`` (the whole parameter) into ``local`` (zeros past ``length``)."""
+        if tuple(full.shape) != tuple(self.shape):
+            raise ValueError(f"Shard.take: full tensor has shape {tuple(full.shape)}, the parameter {self.shape}")
+        flat = local.view(-1)
+        flat[self.length:].zero_()
+        flat[:self.length].copy_(full.reshape(-1)[self.start:self.start + self.length])
+
+
+def gather_full(locals_: Sequence[torch.Tensor], shards: Sequence[Shard], dtype: torch.dtype,
+                bucket_numel: int = BUCKET_NUMEL) -> Iterator[torch.Tensor]:
+    """Full tensors ``[shards[i].shape]`` in ``dtype``, in order, from every rank's pieces (collective)."""
+    if len(locals_) != len(shards):
+        raise ValueError(f"gather_full: {len(locals_)} local tensors for {len(shards)} shards")
+    reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    i = 0
+    while i < len(shards):
+        j, total = i, 0
+        while j < len(shards) and (j == i or total + shards[j].numel <= bucket_numel):
+            total += shards[j].numel
+            j += 1
+        device = locals_[i].device
+        bucket = torch.zeros(total, dtype=dtype, device=device)                  # [sum of numels]
+        offset = 0
+        for local, shard in zip(locals_[i:j], shards[i:j]):
+            lo = offset + shard.start
+            bucket[lo:lo + shard.length].copy_(local.view(-1)[:shard.length])
+            offset += shard.numel
+        if reduce:
+            dist.all_reduce(bucket)
+        offset = 0
+        for shard in shards[i:j]:
+            yield bucket[offset:offset + shard.numel].view(shard.shape)
+            offset += shard.numel
+        i = j
