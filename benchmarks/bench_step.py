@@ -22,7 +22,9 @@ record also says which ``mirai._C`` kernels passed their device self-check and w
 (``kernels``), so no number silently measures a fallback.
 ``--backend single`` times the plain single-process engine (``train.backend=auto`` on one GPU) instead of
 DeepSpeed; ``--compile-scope`` sets ``train.compile_scope``; ``--fuse-ema`` sets ``optim.fuse_ema`` (the
-AdamW step, clip and EMA in one pass; single-process engine); ``--ce-backend`` sets ``train.ce_backend``.
+AdamW step, clip and EMA in one pass; single-process engine); ``--ce-backend`` sets ``train.ce_backend``;
+``--target-dtype`` sets ``foresight.target_dtype`` (the teacher's / encoder's weights and targets in fp32 or bf16):
+``--modes mirai_e --variant='--target-dtype bf16'`` times its cost.
 
     python benchmarks/bench_step.py                                   # issue 10's grid on one GPU
     python benchmarks/bench_step.py --models GPT-B --modes mirai_e --micro 32 --profile
@@ -40,6 +42,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -67,6 +70,8 @@ def point_config(model: str, mode: str, micro: int, store: Path, out: Path, args
             "train.progress=false", "train.tensorboard=false", "data.num_workers=0", "data.pin_memory=true",
             f"train.device={'cpu' if cpu else 'cuda'}", "train.max_steps=1000000", "train.resume=none",
             f"optim.fuse_ema={str(args.fuse_ema).lower()}", f"train.ce_backend={args.ce_backend}"]
+    if args.target_dtype:
+        over += [f"foresight.target_dtype={args.target_dtype}"]
     if model == "GPT-debug":
         over += ["train.precision=fp32" if cpu else "train.precision=bf16"]
         if cfg_mode == "mirai_e":
@@ -142,7 +147,9 @@ def run_point(model: str, mode: str, micro: int, args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    cpu0 = time.process_time()
     timing = time_fn(one_step, device, warmup=0, iters=args.steps)
+    cpu_ms = (time.process_time() - cpu0) * 1e3 / args.steps     # host CPU time: steadier than wall on a shared CPU
     img_s = micro / (timing.median_ms * 1e-3)
     total, backbone = flops_per_image(run.gpt.config, run.fcfg if run.fcfg.enabled else None)
     peak = peak_flops(args.peak, device)
@@ -154,8 +161,10 @@ def run_point(model: str, mode: str, micro: int, args) -> dict:
            "ce_backend": cfg.train.ce_backend,
            "compile_scope": compile_scope(cfg, run.runtime) if cfg.train.compile else None,
            "k": run.fcfg.k if run.fcfg.enabled else 0,
+           "target_dtype": run.fcfg.target_dtype if run.fcfg.enabled else None,
            "layer": run.fcfg.layer if run.fcfg.enabled else None, "warmup": args.warmup, "steps": args.steps,
            "ms_per_step": timing.median_ms, "ms_min": timing.min_ms, "ms_max": timing.max_ms, "img_per_s": img_s,
+           "cpu_ms_per_step": cpu_ms,
            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
            "flops_per_image": total, "backbone_flops_per_image": backbone,
            "tflops": img_s * total / 1e12, "backbone_tflops": img_s * backbone / 1e12, "peak_flops": peak,
@@ -213,6 +222,8 @@ def argv_base(args) -> list[str]:
              "--compile" if args.compile else "--no-compile", "--compile-scope", args.compile_scope,
              "--warmup", str(args.warmup), "--fuse-ema" if args.fuse_ema else "--no-fuse-ema",
              "--ce-backend", args.ce_backend, "--steps", str(args.steps), "--log-every", str(args.log_every)]
+    if args.target_dtype:
+        flags += ["--target-dtype", args.target_dtype]
     if args.peak:
         flags += ["--peak", str(args.peak)]
     if args.profile:
@@ -237,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="optim.fuse_ema: AdamW + clip + EMA in one pass (mirai.optim.AdamWEMA; --backend single)")
     p.add_argument("--ce-backend", choices=("auto", "kernel", "torch"), default="auto",
                    help="train.ce_backend: the fused linear + CE's row pass (mirai._C kernel or PyTorch)")
+    p.add_argument("--target-dtype", choices=("bf16", "fp32"), default=None,
+                   help="foresight.target_dtype (default: the config's, fp32)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 CUDA / 1 CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 CUDA / 3 CPU)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss reads, as train.log_every")
@@ -301,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(rec)
                 if not args.no_save:        # at once: a job killed later keeps the points already measured
                     append_jsonl("step", [rec])
-                print(f"{label}: {rec['ms_per_step']:.1f} ms, {rec['img_per_s']:.0f} img/s"
+                print(f"{label}: {rec['ms_per_step']:.1f} ms ({rec['cpu_ms_per_step']:.1f} ms host CPU), "
+                      f"{rec['img_per_s']:.0f} img/s"
                       + (f", {rec['peak_mem_gb']:.1f} GB" if rec["peak_mem_gb"] is not None else "")
                       + (f", backbone MFU {100 * rec['backbone_mfu']:.1f}%" if rec["backbone_mfu"] else ""), flush=True)
                 for line in rec["kernels"]["fallbacks"]:       # a number measured on a fallback says so

@@ -497,8 +497,8 @@ def draw_samples(spec: RunSpec, model, tok, opts: DemoOptions) -> tuple[np.ndarr
     out = opts.out / "samples" / spec.key
     num = 10 * opts.samples_per_class
     stats = sample(model, tok, out=out, num=num, batch_size=min(num, 100), classes=list(range(10)),
-                   cfg_scale=opts.cfg_scale, temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed,
-                   png=False, grid=0, progress=opts.progress)
+                   labels="balanced", cfg_scale=opts.cfg_scale, temperature=opts.temperature, top_k=opts.top_k,
+                   seed=opts.seed, png=False, grid=0, progress=opts.progress)
     with np.load(out / "samples.npz") as npz:
         images, labels = npz["arr_0"], npz["arr_1"]
     return images, labels, stats

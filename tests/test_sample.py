@@ -50,7 +50,8 @@ def test_sample_cli_writes_pngs_grid_npz_and_stats(tmp_path, ckpts):
     gpt, vq = ckpts
     out = tmp_path / "out"
     rc = main(["--ckpt", str(gpt), "--vq", str(vq), "--vq-model", "VQ-debug", "--num", "5", "--batch-size", "2",
-               "--cfg-scale", "1.5", "--top-k", "10", "--seed", "3", "--out", str(out), "--no-progress"])
+               "--cfg-scale", "1.5", "--top-k", "10", "--seed", "3", "--out", str(out), "--no-progress",
+               "--labels", "balanced"])
     assert rc == 0
     with np.load(out / "samples.npz") as z:
         arr, labels = z["arr_0"], z["arr_1"]
@@ -68,7 +69,7 @@ def test_sample_cli_writes_pngs_grid_npz_and_stats(tmp_path, ckpts):
     # same seed -> same images
     rc = main(["--ckpt", str(gpt), "--vq", str(vq), "--vq-model", "VQ-debug", "--num", "5", "--batch-size", "2",
                "--cfg-scale", "1.5", "--top-k", "10", "--seed", "3", "--out", str(tmp_path / "again"),
-               "--no-png", "--no-progress"])
+               "--no-png", "--no-progress", "--labels", "balanced"])
     assert rc == 0 and not (tmp_path / "again" / "images").exists()
     assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["arr_0"], arr)
 
@@ -76,7 +77,8 @@ def test_sample_cli_writes_pngs_grid_npz_and_stats(tmp_path, ckpts):
 def test_rank_shards_give_the_same_samples_as_one_process(tmp_path):
     model = _gpt(block_size=16, vocab=32)
     tok = PatchKMeansTokenizer.fit(torch.rand(8, 3, 16, 16) * 2 - 1, codebook_size=32, patch=4, iters=2)
-    kw = dict(num=7, batch_size=2, cfg_scale=2.0, seed=5, png=False, progress=False, classes=[2, 0])
+    kw = dict(num=7, batch_size=2, cfg_scale=2.0, seed=5, png=False, progress=False, classes=[2, 0],
+              labels="balanced")       # balanced: independent of the world size (random: tests/test_sampling_protocol.py)
     sample(model, tok, out=tmp_path / "one", **kw)
     (tmp_path / "two" / ".shards").mkdir(parents=True)
     sample(model, tok, out=tmp_path / "two", rank=1, world=2, **kw)     # rank 1 first: rank 0 gathers

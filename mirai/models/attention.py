@@ -20,6 +20,10 @@ there means "everything" (one token, or one parallel PAR group), else a bool ``[
 
 KV cache: ``KVCache`` is plain state owned by the model after an explicit ``setup_caches`` call: it is
 never a registered buffer (so never in the state dict) and only the decoding path writes to it.
+``StaticKVCache`` is the fixed-shape variant for compiled / CUDA-graphed decoding
+(``mirai.models.static_decode``): it always holds the full length and batch, the positions to write
+come as a LongTensor ``[S]`` and ``write`` returns the whole cache, so every step has the same shapes
+and reads nothing on the host; the caller masks the positions not written yet (``attn_mask [S, T]``).
 """
 from __future__ import annotations
 
@@ -79,6 +83,27 @@ class KVCache:
         return self.k[:B, :, :end], self.v[:B, :, :end]
 
 
+class StaticKVCache:
+    """Full-length keys and values of one attention layer for fixed-shape decoding.
+
+    k, v: ``[batch, n_kv_head, max_seq_length, head_dim]`` in ``dtype`` on ``device``, allocated once.
+    """
+
+    def __init__(self, batch: int, max_seq_length: int, n_kv_head: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        shape = (batch, n_kv_head, max_seq_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v [batch, Hkv, S, hd]`` at ``positions [S]``; return the whole cache ``[batch, Hkv, T, hd]``."""
+        if k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"StaticKVCache holds batch {self.k.shape[0]}, asked to write batch {k.shape[0]}")
+        self.k.index_copy_(2, positions, k.to(self.k.dtype))
+        self.v.index_copy_(2, positions, v.to(self.v.dtype))
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     """Multi-head (optionally grouped-query) self-attention with 2D RoPE; LlamaGen parameter names."""
 
@@ -104,8 +129,9 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(resid_dropout_p)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """``x [B, T, dim]``, ``rope [T, hd/2, 2]`` -> ``[B, T, dim]`` (see the module docstring for masks)."""
+                cache: KVCache | StaticKVCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """``x [B, T, dim]``, ``rope [T, hd/2, 2]`` -> ``[B, T, dim]`` (see the module docstring for masks).
+        ``start_pos``: the first position of ``x`` (``KVCache``), or its positions ``[T]`` (``StaticKVCache``)."""
         B, T, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         # q and k are adjacent columns of the fused projection: rotate them in one call
@@ -122,7 +148,7 @@ class Attention(nn.Module):
 
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))               # [B, H(kv), T, hd]
         if cache is not None:
-            k, v = cache.write(start_pos, k, v)                        # [B, Hkv, start_pos+T, hd]
+            k, v = cache.write(start_pos, k, v)                        # [B, Hkv, start_pos+T (static: all), hd]
             is_causal = False                                          # attn_mask None: see everything
         else:
             is_causal = attn_mask is None

@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mirai.models.attention import ATTN_BACKENDS, Attention, KVCache
+from mirai.models.attention import ATTN_BACKENDS, Attention, KVCache, StaticKVCache
 from mirai.models.rope import rope_2d_table
 from mirai.ops.linear_ce import linear_cross_entropy
 
@@ -253,7 +253,7 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                cache: KVCache | StaticKVCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         h = x + self.drop_path(self.attention(self.attention_norm(x), rope, attn_mask, cache, start_pos))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
@@ -367,6 +367,10 @@ class Transformer(nn.Module):
     def _rope_rows(self, start: int, length: int) -> torch.Tensor:
         return self.freqs_cis[start:start + length]                    # [length, hd/2, 2]
 
+    def rope_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE rows of the input positions ``positions [S]`` (a device LongTensor): ``[S, hd/2, 2]``."""
+        return self.freqs_cis[positions]
+
     def _train_mask(self, T: int) -> torch.Tensor | None:
         return None                                                    # causal
 
@@ -458,31 +462,47 @@ class Transformer(nn.Module):
         ``seq_tokens [B, >= end-1]`` holds the tokens in sequence (prediction) order; only entries
         before ``start`` are read. ``cond_idx [B]`` labels (the null class for the unconditional half).
         """
-        parts = []
-        if start == 0:
-            parts.append(self.cls_embedding.embedding_table(cond_idx).unsqueeze(1))      # [B, 1, D]
-        lo = max(start, 1)
-        if end > lo:
-            parts.append(self.tok_embeddings(seq_tokens[:, lo - 1:end - 1]))              # [B, end-lo, D]
-        return torch.cat(parts, dim=1)
+        return self.embed_at(seq_tokens, cond_idx, torch.arange(start, end, device=cond_idx.device))
+
+    def embed_at(self, seq_tokens: torch.Tensor | None, cond_idx: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """Inputs of the positions ``positions [S]`` (a device LongTensor; fixed shapes, nothing read on the
+        host, so a compiled decoding step can call it): ``[B, S, D]``; see ``embed_positions``."""
+        cls = self.cls_embedding.embedding_table(cond_idx).unsqueeze(1)                   # [B, 1, D]
+        if seq_tokens is None:
+            seq_tokens = torch.zeros(cond_idx.shape[0], 1, dtype=torch.long, device=cond_idx.device)
+        src = (positions - 1).clamp(min=0, max=seq_tokens.shape[1] - 1)                   # [S]
+        tok = self.tok_embeddings(seq_tokens[:, src])                                     # [B, S, D]
+        return torch.where((positions == 0)[None, :, None], cls.to(tok.dtype), tok)
 
     def decode_schedule(self) -> list[tuple[int, int]]:
         """Position ranges ``[start, end)`` decoded per step (one token per step for GPT)."""
         return [(p, p + 1) for p in range(self.seq_len)]
 
-    def decode_step(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Run inputs ``x [B, S, D]`` at positions ``[start_pos, start_pos+S)`` through the cached model;
-        returns float32 logits ``[B, S, V]``."""
-        if self._caches is None:
+    def decode_step(self, x: torch.Tensor, start_pos: int | torch.Tensor,
+                    caches: list[KVCache] | list[StaticKVCache] | None = None) -> torch.Tensor:
+        """Run inputs ``x [B, S, D]`` at positions ``[start_pos, start_pos+S)`` through the cached model
+        (``caches``, default the model's own from ``setup_caches``); returns float32 logits ``[B, S, V]``.
+
+        With ``StaticKVCache`` caches ``start_pos`` is the positions ``[S]`` as a device LongTensor: the step
+        then attends to the whole cache under the mask ``gid[j] <= gid[position]`` (fixed shapes, no host
+        read: the form ``mirai.models.static_decode`` compiles)."""
+        caches = self._caches if caches is None else caches
+        if caches is None:
             raise RuntimeError("decode_step needs KV caches: call model.setup_caches(...) first")
         S = x.shape[1]
-        gid = self.group_ids()                                                            # [T] on CPU
-        rows = gid[start_pos:start_pos + S, None]                                         # [S, 1]
-        mask = gid[None, :start_pos + S] <= rows                                          # [S, start+S]
-        mask = None if bool(mask.all()) else mask.to(x.device)
-        rope = self._rope_rows(start_pos, S)
+        if isinstance(start_pos, torch.Tensor):
+            gid = self.group_ids(device=x.device)                                         # [T]
+            mask = gid[None, :] <= gid[start_pos][:, None]                                # [S, T]
+            rope = self.rope_at(start_pos)
+        else:
+            gid = self.group_ids()                                                        # [T] on CPU
+            rows = gid[start_pos:start_pos + S, None]                                     # [S, 1]
+            mask = gid[None, :start_pos + S] <= rows                                      # [S, start+S]
+            mask = None if bool(mask.all()) else mask.to(x.device)
+            rope = self._rope_rows(start_pos, S)
         h = x
-        for block, cache in zip(self.layers, self._caches):
+        for block, cache in zip(self.layers, caches):
             h = block(h, rope, mask, cache, start_pos)
         return self.output(self.norm(h)).float()
 

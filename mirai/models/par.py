@@ -183,8 +183,7 @@ class PARTransformer(Transformer):
         return x[:, self.par_inverse.to(x.device)]
 
     def group_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
-        gid = par_group_ids(self.config.grid_size, self.num_regions)
-        return gid if device is None else gid.to(device)
+        return self.par_gid.to("cpu" if device is None else device)       # the buffer: no host work on its device
 
     def decode_schedule(self) -> list[tuple[int, int]]:
         n, N = self.num_regions, self.seq_len
@@ -193,14 +192,17 @@ class PARTransformer(Transformer):
     def _rope_rows(self, start: int, length: int) -> torch.Tensor:
         return self.freqs_cis[self.par_rope_index[start:start + length]]  # [length, hd/2, 2]
 
+    def rope_at(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.freqs_cis[self.par_rope_index[positions]]             # [S, hd/2, 2]
+
     def _train_mask(self, T: int) -> torch.Tensor | None:
         return self.par_mask[:T, :T]                                      # [T, T] bool, True = attend
 
-    def _inputs(self, tokens: torch.Tensor, cls: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Embeddings of positions [start, end): ``tokens [B, >= needed]`` in sequence order,
-        ``cls [B, 1, D]`` the class embedding -> ``[B, end - start, D]``."""
-        kind = self.par_kind[start:end]                                   # [S]
-        src = self.par_src[start:end]
+    def _inputs(self, tokens: torch.Tensor, cls: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the positions ``positions [S]`` (device LongTensor): ``tokens [B, >= needed]`` in
+        sequence order, ``cls [B, 1, D]`` the class embedding -> ``[B, S, D]``."""
+        kind = self.par_kind[positions]                                   # [S]
+        src = self.par_src[positions]
         tok_src = torch.where(kind == 1, src, torch.zeros_like(src)).clamp(max=tokens.shape[1] - 1)
         x = self.tok_embeddings(tokens[:, tok_src])                       # [B, S, D]
         trans = self.transition_tokens.to(x.dtype)[torch.where(kind == 2, src, torch.zeros_like(src))]
@@ -214,14 +216,14 @@ class PARTransformer(Transformer):
         if idx.dim() != 2 or idx.shape[1] != need:
             raise ValueError(f"PAR idx must be [B, {need}] tokens in PAR order (prepare_inputs), "
                              f"got {tuple(idx.shape)}")
-        return self._inputs(idx, cond, 0, self.seq_len)
+        return self._inputs(idx, cond, torch.arange(self.seq_len, device=idx.device))
 
-    def embed_positions(self, seq_tokens: torch.Tensor | None, cond_idx: torch.Tensor, start: int,
-                        end: int) -> torch.Tensor:
+    def embed_at(self, seq_tokens: torch.Tensor | None, cond_idx: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
         cls = self.cls_embedding.embedding_table(cond_idx).unsqueeze(1)  # [B, 1, D]
         if seq_tokens is None:
             seq_tokens = torch.zeros(cond_idx.shape[0], 1, dtype=torch.long, device=cond_idx.device)
-        return self._inputs(seq_tokens, cls, start, end)
+        return self._inputs(seq_tokens, cls, positions)
 
 
 # --------------------------------------------------------------------------- registry

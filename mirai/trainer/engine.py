@@ -2,8 +2,8 @@
 
 ``TrainModule`` is the ONLY module an engine wraps: the GPT plus the ``ForesightObjective`` (heads).
 Its forward takes a batch of codes and labels, the teacher targets computed outside (no grad, in
-``foresight.target_dtype``; None for the baseline, during warm-up, and for the output-injection ablation) and the per-head
-coefficients (host floats while they are all zero, else a [K] fp32 device tensor), and returns three tensors:
+``foresight.target_dtype``; None for the baseline, during warm-up, and for the output-injection ablation) and
+the per-head coefficients (host floats while they are all zero, else a [K] fp32 device tensor), and returns three tensors:
 ``loss`` (NTP + sum_k lambda_k L_k, the one that is back-propagated), ``ntp`` and ``per_head [K]``
 (both detached, for logging). The EMA, the Mirai-E teacher and the frozen encoder are NOT in it.
 
