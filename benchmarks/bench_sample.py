@@ -22,7 +22,8 @@ their samples drift apart after a near-tie; in fp32 they agree). A variant that 
     python benchmarks/bench_sample.py --models GPT-B --variants eager,compile --iters 5
     python benchmarks/bench_sample.py --device cpu --small         # smoke run: a tiny model on the CPU
 
-Appends JSON lines to benchmarks/results/sample.jsonl (GPU name, torch version, commit, settings, numbers).
+Appends JSON lines to benchmarks/results/sample.jsonl (GPU name, torch version, commit, settings, numbers;
+``cudagraph_skips`` > 0 says the compiled variant ran without CUDA graphs, with inductor's reason in the log).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import sys
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,6 +114,7 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> li
         def end_to_end():
             return to_uint8(vq.decode_code(tokens(), (grid, grid)).float())
 
+        skips = counters["inductor"]["cudagraph_skips"]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -124,7 +127,8 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> li
         t_e2e = time_fn(end_to_end, device, warmup=0, iters=args.iters)
         rec.update(tokens_ms=t_tok.median_ms, tokens_img_s=batch / (t_tok.median_ms * 1e-3),
                    e2e_ms=t_e2e.median_ms, e2e_img_s=batch / (t_e2e.median_ms * 1e-3), iters=args.iters,
-                   peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
+                   peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+                   cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips)   # > 0: ran without CUDA graphs
         print(f"{name} {variant}: validated on {rec['validate_batch']} images; tokens {rec['tokens_img_s']:.1f} img/s, "
               f"end to end {rec['e2e_img_s']:.1f} img/s (first batch {rec['first_batch_s']:.1f} s)", flush=True)
         records.append(rec)
