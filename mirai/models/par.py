@@ -183,7 +183,9 @@ class PARTransformer(Transformer):
         return x[:, self.par_inverse.to(x.device)]
 
     def group_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
-        return self.par_gid.to("cpu" if device is None else device)       # the buffer: no host work on its device
+        if device is None:
+            return par_group_ids(self.config.grid_size, self.num_regions)  # built on the CPU: no device read
+        return self.par_gid.to(device)                                    # the buffer: no host work on its device
 
     def decode_schedule(self) -> list[tuple[int, int]]:
         n, N = self.num_regions, self.seq_len
