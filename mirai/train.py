@@ -67,7 +67,8 @@ def heads_signature(fcfg) -> dict[str, Any]:
     if fcfg is None or not fcfg.enabled:
         return {"mode": "none"}
     return {"mode": fcfg.mode, "injection": fcfg.injection, "k": fcfg.k, "layer": fcfg.layer,
-            "head_kind": fcfg.head_kind, "head_hidden": fcfg.head_hidden, "head_out": fcfg.head_out}
+            "head_kind": fcfg.head_kind, "head_hidden": fcfg.head_hidden, "head_out": fcfg.head_out,
+            "layout": fcfg.layout}
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Run:
 
 def build_run(cfg: Config) -> Run:
     """Process group, model, objective, teacher source (outside the engine), engine, EMA, loader, step runner."""
-    from mirai.checkpoint import model_config_dict
+    from mirai.checkpoint import model_config_dict, store_fingerprint
     from mirai.foresight.encoders import EncoderTeacher
     from mirai.foresight.objective import ForesightObjective
     from mirai.foresight.sources import EMATeacher, PrecomputedFeatures, build_source
@@ -153,13 +154,15 @@ def build_run(cfg: Config) -> Run:
                            "zero_stage": t_cfg.zero_stage if rt.backend == "deepspeed" else None,
                            # ZeRO >= 1 optimizer shards only load into the same world size
                            "world_size": rt.world_size if rt.backend == "deepspeed" and t_cfg.zero_stage >= 1
-                           else None}}
+                           else None},
+                "ema": {"enabled": cfg.ema.enabled},
+                "data": {"codes_fingerprint": store_fingerprint(cfg.data.codes)}}
     return Run(cfg, rt, gpt, fcfg, source, engine, ema_state, loader, runner, accum, total_steps, base_lr, expected)
 
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training described by a validated config in this process."""
-    from mirai.checkpoint import (CheckpointError, load_training_checkpoint, read_latest, resolve,
+    from mirai.checkpoint import (CheckpointError, load_training_checkpoint, resume_checkpoint,
                                   save_training_checkpoint)
     from mirai.trainer.logging import MetricsLogger, flops_per_image, peak_flops
 
@@ -169,12 +172,8 @@ def train(cfg: Config) -> TrainResult:
     total_steps, accum = run.total_steps, run.accum
     end_step = min(total_steps, t_cfg.stop_at) if t_cfg.stop_at is not None else total_steps
 
-    # ---- resume
-    ckpt = None
-    if t_cfg.resume == "auto":
-        ckpt = read_latest(run_dir)
-    elif t_cfg.resume != "none":
-        ckpt = resolve(t_cfg.resume)
+    # ---- resume (the newest checkpoint that verifies; see mirai.checkpoint.training)
+    ckpt = resume_checkpoint(t_cfg.resume, run_dir, rt)
     start_step = 0
     if ckpt is not None:
         meta = load_training_checkpoint(ckpt, runtime=rt, engine=engine, ema_state=run.ema_state,

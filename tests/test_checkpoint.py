@@ -72,6 +72,9 @@ def test_truncated_export_and_bad_latest_are_named(run_dir, run_copy, tmp_path):
     from mirai.checkpoint import export
     out = export(run_dir, tmp_path / "e.pt")
     out.write_bytes(out.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"e\.pt: content differs from what was saved"):
+        load_gpt(out)                                           # the export's .sha256 beside it
+    out.with_name("e.pt.sha256").unlink()
     with pytest.raises(CheckpointError, match=r"e\.pt: unreadable or truncated"):
         load_gpt(out)
     (run_copy / "checkpoints" / "latest").write_text("step_00000099\n")
@@ -95,6 +98,7 @@ def test_state_dict_mismatch_names_file_and_keys(run_dir, tmp_path):
     obj = torch.load(out, weights_only=True)
     obj["model_config"]["n_layer"] = 3                        # claims a deeper model than the weights
     torch.save(obj, out)
+    out.with_name("e.pt.sha256").unlink()                      # (edited on purpose: its hash no longer holds)
     with pytest.raises(CheckpointError, match=r"e\.pt: does not match the model: .*missing keys.*layers\.2"):
         load_gpt(out)
     meta = json.loads((read_latest(run_dir) / "meta.json").read_text())

@@ -111,14 +111,15 @@ def find_weights_file(path: str | Path) -> Path:
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a file, unwrapping {"model": ...} / {"state_dict": ...} containers."""
     f = find_weights_file(path)
-    try:
-        if f.suffix == ".safetensors":
+    if f.suffix == ".safetensors":                   # a tensors-only format
+        try:
             from safetensors.torch import load_file
             sd = load_file(str(f), device="cpu")
-        else:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"encoder weights {f}: unreadable ({type(err).__name__}: {err})") from err
+        except Exception as err:  # noqa: BLE001 - re-raised with the file name
+            raise ValueError(f"encoder weights {f}: unreadable ({type(err).__name__}: {err})") from err
+    else:                                            # weights-only; refused (naming the type) if unsafe
+        from mirai.checkpoint import load_file
+        sd = load_file(f)
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

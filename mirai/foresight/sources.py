@@ -10,8 +10,10 @@
   prefix_map)`` keeps them equal to the EMA (fp32: they share the EMA's storage; bf16: the fused
   EMA pass writes them): the teacher at step t+1 is the EMA after step t, with no state-dict copies.
   It starts as a copy of the model's weights (EMA at step 0).
-  Static mode (``static_ckpt``): frozen weights read once from a checkpoint file (its "ema"
-  entry, else "model", else the file is a bare state dict); never attach it to the EMA.
+  Static mode (``static_ckpt``): frozen weights read once from a checkpoint (its EMA weights, else
+  the raw ones; any source ``mirai.checkpoint.read_weights`` reads: a run or checkpoint folder, an
+  exported file, a LlamaGen / Mirai-Code training file, a bare state dict; weights-only loading, NaN /
+  Inf refused); never attach it to the EMA.
 * ``EncoderTeacher`` (Mirai-I, online): see ``mirai.foresight.encoders``.
 * ``PrecomputedFeatures`` (Mirai-I, offline): encoder patch features stored in the code store
   (bf16, [Tf, C] per sample); ``targets(features[B, Tf, C]) -> [B, T, C]`` checks the grid and
@@ -169,20 +171,14 @@ def build_source(cfg: ForesightConfig, model: nn.Module, device: torch.device | 
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
+    from mirai.checkpoint import check_finite, read_weights, strip_prefixes
+    if not path.exists():
         raise FileNotFoundError(f"static teacher checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"static teacher checkpoint {path}: unreadable ({type(err).__name__}: {err})") from err
-    if isinstance(ckpt, dict):
-        for key in ("ema", "model", "state_dict"):
-            if isinstance(ckpt.get(key), dict):
-                ckpt = ckpt[key]
-                break
-    if not isinstance(ckpt, dict) or not any(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    w = read_weights(path)
+    which = "ema" if w["ema"] is not None else "model"
+    sd = w[which]
+    if not sd or not any(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"static teacher checkpoint {path}: no state dict found (expected 'ema', 'model' "
                          "or a bare state dict)")
-    prefix = "_orig_mod."   # torch.compile wrapper
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in ckpt.items()
-            if isinstance(v, torch.Tensor)}
+    check_finite(sd, f"static teacher checkpoint {path} ({which})")
+    return {k: v for k, v in strip_prefixes(sd).items() if isinstance(v, torch.Tensor)}

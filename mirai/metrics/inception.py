@@ -236,11 +236,9 @@ class InceptionV3(nn.Module):
 
 def load_inception(path: str | os.PathLike | None = None, device="cpu") -> InceptionV3:
     """Build the network and load local weights (see ``find_inception_weights``)."""
+    from mirai.checkpoint import load_file
     f = find_inception_weights(path)
-    try:
-        sd = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{f}: unreadable Inception weights ({type(err).__name__}: {err})") from err
+    sd = load_file(f)                  # weights-only; a ValueError naming the file if unreadable or unsafe
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     net = InceptionV3()

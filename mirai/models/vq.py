@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mirai.checkpoint import state_dict_mismatch
+from mirai.checkpoint import LLAMAGEN_TYPES, CheckpointError, UnsafeFileError, load_file, state_dict_mismatch
 
 __all__ = [
     "VQConfig", "VQModel", "VQ_models", "build_vq", "load_vq", "VQCheckpointError",
@@ -359,14 +359,15 @@ class VQCheckpointError(ValueError):
 
 
 def _torch_load(path: Path):
-    """Load a local file; weights-only first, full unpickling only for older checkpoints (local files)."""
+    """A tokenizer file, loaded weights-only (LlamaGen's training files also hold an ``argparse.Namespace``,
+    the one other type allowed). A file holding any other type is refused (UnsafeFileError), never
+    unpickled; an unreadable one is a VQCheckpointError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # noqa: BLE001 - retried below, reported if that fails too
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001
-            raise VQCheckpointError(f"{path}: cannot be read as a torch checkpoint ({err}; {first})") from err
+        return load_file(path, allowed=LLAMAGEN_TYPES)
+    except UnsafeFileError:
+        raise
+    except CheckpointError as err:
+        raise VQCheckpointError(str(err)) from err
 
 
 def _state_dict_of(obj, path: Path) -> dict:

@@ -9,7 +9,9 @@ the per-head coefficients (host floats while they are all zero, else a [K] fp32 
 
 Engines share one interface (``Engine``): ``forward(...)``, ``backward(loss)``, ``step()`` called once
 per micro-batch (the optimizer applies at the gradient-accumulation boundary), ``set_lr``,
-``grad_norm()`` (host value; log steps only), ``save(dir)`` / ``load(dir)`` of the engine state,
+``grad_norm()`` (host value; log steps only), ``save(dir)`` / ``load(dir)`` of the engine state
+(``save`` returns {file: {"bytes", "sha256"}} of what this rank wrote; every file goes through
+``mirai.checkpoint.save_file`` / ``load_file``, DeepSpeed's own too: see ``CheckpointIO``),
 ``full_state_dicts()`` (fp32 master weights of the GPT and the heads, consolidated on rank 0;
 collective), ``ema_params()`` (what the EMA averages: the GPT's fp32 master weights under every engine,
 as the released code and LlamaGen average fp32 weights, never the bf16 module parameters DeepSpeed
@@ -39,7 +41,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from mirai.checkpoint import load_file, save_file
+from mirai.checkpoint import CheckpointError, load_file, save_file
 from mirai.trainer.distributed import Runtime
 from mirai.trainer.shards import Shard
 
@@ -171,7 +173,8 @@ class Engine:
         raise NotImplementedError
 
     # -- state (folder: the checkpoint folder; engines write into folder / "engine")
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path) -> dict[str, dict[str, Any]]:
+        """Write the engine state; {path: {"bytes", "sha256"}} of each file this rank wrote."""
         raise NotImplementedError
 
     def load(self, folder: Path) -> None:
@@ -254,10 +257,12 @@ class PlainEngine(Engine):
     def grad_norm(self) -> float | None:
         return None if self._norm is None else float(self._norm)
 
-    def save(self, folder: Path) -> None:
-        if self.runtime.is_main:
-            save_file({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                      folder / "engine" / "state.pt")
+    def save(self, folder: Path) -> dict[str, dict[str, Any]]:
+        if not self.runtime.is_main:
+            return {}
+        path = folder / "engine" / "state.pt"
+        return {str(path): save_file({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                                     path)}
 
     def load(self, folder: Path) -> None:
         from mirai.checkpoint import load_state
@@ -273,6 +278,38 @@ class PlainEngine(Engine):
         return cpu(self.module.gpt), (cpu(self.module.objective) if self.module.objective is not None else None)
 
 
+def deepspeed_types() -> tuple[type, ...]:
+    """The non-tensor types DeepSpeed's own ZeRO-0..3 checkpoints hold (found by saving bf16 and fp32 runs
+    of every stage): its static loss scaler, the ZeRO stage enum and the fragment addresses of ZeRO-1/2.
+    The only types a weights-only load of a DeepSpeed file allows beyond torch's."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return LossScaler, ZeroStageEnum, fragment_address
+
+
+class CheckpointIO:
+    """Stands in for DeepSpeed's checkpoint engine object: its file writes go through
+    ``mirai.checkpoint.save_file`` (atomic, hashed while written, disk-full errors; the records collect in
+    ``written``) and its reads through ``load_file`` (weights-only, ``deepspeed_types`` allowed); every other
+    attribute is DeepSpeed's object's."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.written: dict[str, dict[str, Any]] = {}
+
+    def __getattr__(self, name: str):
+        if name == "inner":                       # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path: str) -> None:
+        self.written[str(path)] = save_file(state_dict, path)
+
+    def load(self, path: str, map_location=None):
+        return load_file(path, allowed=deepspeed_types(), map_location=map_location or "cpu")
+
+
 class DeepSpeedEngine(Engine):
     """``deepspeed.initialize`` around the TrainModule with the client optimizer."""
 
@@ -283,6 +320,7 @@ class DeepSpeedEngine(Engine):
                                                     dist_init_required=False)
         super().__init__(module, optimizer, runtime, ds_config["gradient_accumulation_steps"])
         self.ds = engine
+        self.io = engine.checkpoint_engine = CheckpointIO(engine.checkpoint_engine)
         self.ds_optimizer = ds_opt
         self.device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
         if self.zero3 and module.objective is not None:
@@ -316,14 +354,22 @@ class DeepSpeedEngine(Engine):
             return None
         return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path) -> dict[str, dict[str, Any]]:
+        self.io.written.clear()
         self.ds.save_checkpoint(str(folder), tag="engine", client_state={}, save_latest=False)
+        return dict(self.io.written)
 
     def load(self, folder: Path) -> None:
-        from mirai.checkpoint import CheckpointError
+        # Every file DeepSpeed may open is first loaded weights-only (tensor data mapped, not read): a file
+        # holding any other type is refused, naming it, before DeepSpeed reads anything. DeepSpeed's own
+        # reads then go through the same loader (CheckpointIO).
+        for path in sorted((folder / "engine").rglob("*.pt")):
+            load_file(path, allowed=deepspeed_types(), mmap=True)
         try:
             path, _ = self.ds.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
+        except CheckpointError:
+            raise
         except Exception as err:  # noqa: BLE001 - DeepSpeed raises many kinds; name the folder
             raise CheckpointError(f"{folder / 'engine'}: DeepSpeed could not load it "
                                   f"({type(err).__name__}: {err})") from err
