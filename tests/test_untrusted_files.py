@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoint_helpers import Payload, plant, rehash
 
 REPO = Path(__file__).resolve().parent.parent
 DEBUG_YAML = REPO / "configs" / "debug.yaml"
@@ -29,32 +30,11 @@ RUN = ["foresight.mode=ema", "foresight.warmup_epochs=0", "train.backend=single"
        "train.ckpt_every=2"]
 
 
-class Payload:
-    """Unpickling this creates ``marker`` (what an attacker's file would do with a shell command)."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
-def plant(path: Path, marker: Path) -> Path:
-    """Write a checkpoint-looking file with the payload inside."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {"w": torch.zeros(2)}, "ema": {"w": torch.zeros(2)}, "extra": Payload(marker)}, path)
-    return path
-
-
 def plant_in_run(ckpt: Path, rel: str, marker: Path) -> Path:
-    """Replace ``ckpt / rel`` by a payload file and make meta.json record its size and hash (a planted
-    folder that passes every integrity check)."""
-    from mirai.checkpoint import file_digest
-    path = plant(ckpt / rel, marker)
-    meta = json.loads((ckpt / "meta.json").read_text())
-    meta["files"][rel] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
-    (ckpt / "meta.json").write_text(json.dumps(meta))
-    return path
+    """Replace ``ckpt / rel`` by a payload file that meta.json records (a planted folder that passes every
+    integrity check)."""
+    plant(ckpt / rel, marker)
+    return rehash(ckpt, rel)
 
 
 def overrides(store: Path, out: Path, *extra: str) -> list[str]:
