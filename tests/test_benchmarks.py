@@ -97,3 +97,11 @@ def test_bench_linear_ce_validates_then_times_on_cpu(tmp_path):
     assert {(r["level"], r["provider"]) for r in recs} == {(lv, p) for lv in ("row pass", "fwd+bwd")
                                                           for p in ("kernel", "torch")}
     assert all(r["level"] == "row pass" or r["ms"] > 0 for r in recs)
+
+
+def test_bench_checkpoint_io_validates_then_measures(tmp_path):
+    out = _run(str(BENCH / "bench_checkpoint_io.py"), "--mib", "4", "--repeats", "1", "--results-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    recs = [json.loads(ln) for ln in (tmp_path / "checkpoint_io.jsonl").read_text().splitlines()]
+    assert {"save_file", "torch.save + fsync + file_digest", "sha256 in memory"} <= {r["case"] for r in recs}
+    assert all(r["bytes"] == 4 * 2 ** 20 and r["user_s"] >= 0 for r in recs)
