@@ -4,10 +4,13 @@
     mirai export --ckpt runs/gpt-b_mirai_e/checkpoints/step_00050000 --out step50k.pt --ema-as-model
 
 The file is ``{"model": state dict, "ema": state dict, "model_name", "model_config", "step", "format"}``
-with LlamaGen key names and no foresight heads, teachers or optimizer state, so LlamaGen-style
-sampling code (``torch.load(f)["model"]`` into a GPT of the same config) and ``mirai sample`` /
-``mirai.checkpoint.load_gpt`` read it. ``--ema-as-model`` stores the EMA weights under "model" (the
-raw weights move to "raw_model") for samplers that only read "model". See ``mirai.checkpoint``.
+with LlamaGen key names, plain types only and no foresight heads, teachers or optimizer state, so
+LlamaGen's sampler (``torch.load(f)["model"]``, weights-only, into a GPT of the same config) and
+``mirai sample`` / ``mirai.checkpoint.load_gpt`` read it; ``<out>.sha256`` beside it records its hash.
+``--ema-as-model`` stores the EMA weights under "model" (the raw weights move to "raw_model") for
+samplers that only read "model". The source's model.pt / ema.pt are checked against the hashes and step
+its meta.json records, and weights holding NaN / Inf are refused (the error names the file and tensor).
+See ``mirai.checkpoint.weights`` and docs/run-folder.md.
 """
 from __future__ import annotations
 

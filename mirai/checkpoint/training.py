@@ -143,13 +143,16 @@ def _gather(obj: Any, runtime) -> list[Any]:
 
 
 def _from_main(fn, runtime):
-    """``fn()`` computed on rank 0 and handed to every rank; a CheckpointError it raises is raised on all."""
+    """``fn()`` computed on rank 0 and handed to every rank; a CheckpointError or OSError it raises is raised
+    on all (as a CheckpointError), so no rank waits for an answer that never comes."""
     result, error = None, None
     if runtime.is_main:
         try:
             result = fn()
         except CheckpointError as err:
             error = str(err)
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
     if runtime.distributed:
         import torch.distributed as dist
         box = [(result, error)]
@@ -268,6 +271,8 @@ def _problem(ckpt: Path, runtime) -> tuple[str, str] | None:
         return "unsafe", str(err)
     except CheckpointError as err:
         return "bad", str(err)
+    except OSError as err:                       # e.g. unreadable: reported like the rest, no rank left waiting
+        return "bad", f"{type(err).__name__}: {err}"
     return None
 
 
