@@ -1,4 +1,4 @@
-"""Helpers of the checkpoint fault tests: corrupt a file, plant a payload, re-record a file in meta.json."""
+"""Helpers of the checkpoint tests: corrupt a file, plant a payload, re-record a file in meta.json, a tokenizer."""
 from __future__ import annotations
 
 import json
@@ -42,3 +42,10 @@ def flip(path: Path, n: int = 16, at: float = 0.5) -> None:
     for i in range(start, start + n):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def tokenizer_file(folder: Path) -> Path:
+    """A random 64-code tokenizer of 16x16 patches (fits GPT-debug's vocabulary and 4x4 grid at 64 px)."""
+    from mirai.models.vq import PatchKMeansTokenizer
+    tok = PatchKMeansTokenizer(torch.rand(64, 3 * 16 * 16) * 2 - 1, patch=16, channels=3)
+    return tok.save(Path(folder) / "tok.pt")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import flip, rehash
+from checkpoint_helpers import flip, rehash, tokenizer_file
 
 from mirai.checkpoint import CheckpointError, load_file, load_gpt, read_latest, verify
 
@@ -76,8 +76,7 @@ def test_a_16_byte_flip_is_refused_by_export_sample_and_load_gpt(run, tmp_path, 
     assert f"{model}: content differs" in capsys.readouterr().err and not (tmp_path / "e.pt").exists()
     with pytest.raises(CheckpointError, match=r"model\.pt: content differs"):
         load_gpt(run)
-    from mirai.models.vq import PatchKMeansTokenizer
-    tok = PatchKMeansTokenizer(torch.rand(64, 3 * 16 * 16), patch=16, channels=3).save(tmp_path / "tok.pt")
+    tok = tokenizer_file(tmp_path)
     rc = sample_main(["--ckpt", str(run), "--tokenizer", str(tok), "--num", "1", "--no-png", "--no-progress",
                       "--out", str(tmp_path / "s")])
     assert rc != 0 and "model.pt: content differs" in capsys.readouterr().err
@@ -182,6 +181,11 @@ def test_nonfinite_weights_are_flagged_kept_from_pruning_and_refused(code_store,
         load_gpt(run)
     with pytest.raises(CheckpointError, match=r"step_00000005 \(model\): tensor tok_embeddings\.weight"):
         load_gpt(ckpt(run, 5), use_ema=False)
+    from mirai.sample import main as sample_main
+    tok = tokenizer_file(tmp_path)
+    rc = sample_main(["--ckpt", str(run), "--tokenizer", str(tok), "--num", "1", "--no-png", "--no-progress",
+                      "--out", str(tmp_path / "s")])
+    assert rc != 0 and "tok_embeddings.weight holds 1 NaN/Inf" in capsys.readouterr().err
     assert export_main(["--ckpt", str(ckpt(run, 2)), "--out", str(tmp_path / "good.pt")]) == 0
 
 
@@ -247,3 +251,18 @@ def test_two_ranks_fall_back_to_the_same_checkpoint(code_store, tmp_path):
     assert "rank_1_mp_rank_00_optim_states.pt: content differs" in proc.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 6 and read_latest(out).name == "step_00000006"
+
+
+def test_a_save_that_fails_after_latest_moved_keeps_its_checkpoint(code_store, tmp_path, monkeypatch):
+    """Interrupted while pruning (after `latest` names the new checkpoint): the new checkpoint stays."""
+    import mirai.checkpoint.run as run_mod
+    out = tmp_path / "run"
+
+    def interrupted(run_dir, keep_last):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_mod, "prune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(code_store, out, "train.max_steps=2")
+    monkeypatch.undo()
+    assert read_latest(out).name == "step_00000002"
+    verify(ckpt(out, 2), content=True)

@@ -8,6 +8,7 @@ import argparse
 
 import pytest
 import torch
+from checkpoint_helpers import tokenizer_file
 
 from mirai.checkpoint import CheckpointError, load_gpt
 
@@ -127,9 +128,8 @@ def test_other_keys_are_still_checked_strictly(models, tmp_path):
 def test_mirai_sample_runs_on_a_mirai_code_file(mirai_code_file, tmp_path):
     import numpy as np
 
-    from mirai.models.vq import PatchKMeansTokenizer
     from mirai.sample import main
-    tok = PatchKMeansTokenizer(torch.rand(64, 3 * 16 * 16) * 2 - 1, patch=16, channels=3).save(tmp_path / "tok.pt")
+    tok = tokenizer_file(tmp_path)
     rc = main(["--ckpt", str(mirai_code_file), "--tokenizer", str(tok), "--num", "2", "--batch-size", "2",
                "--no-png", "--no-progress", "--grid", "0", "--out", str(tmp_path / "s")])
     assert rc == 0

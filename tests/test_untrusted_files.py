@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoint_helpers import Payload, plant, rehash
+from checkpoint_helpers import Payload, plant, rehash, tokenizer_file as make_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DEBUG_YAML = REPO / "configs" / "debug.yaml"
@@ -57,9 +57,7 @@ def plain_run(code_store, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory) -> Path:
-    from mirai.models.vq import PatchKMeansTokenizer
-    tok = PatchKMeansTokenizer(torch.rand(64, 3 * 16 * 16) * 2 - 1, patch=16, channels=3)
-    return tok.save(tmp_path_factory.mktemp("tok") / "tok.pt")
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def refused(rc: int, err: str, path: Path, marker: Path) -> None:

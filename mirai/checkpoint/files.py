@@ -103,7 +103,8 @@ _GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
 
 
 def _refusal(path: Path, err: Exception, allowed: list[type]) -> tuple[list[str], str] | None:
-    """(types, why) when the weights-only unpickler refused the file, None when the file is unreadable."""
+    """(types, why) when the weights-only unpickler refused the file because it names types it does not
+    allow; None when the file is unreadable (not a pickle, truncated, corrupt)."""
     import pickle
     if not (isinstance(err, pickle.UnpicklingError) and str(err).startswith("Weights only load failed")):
         return None
@@ -119,7 +120,7 @@ def _refusal(path: Path, err: Exception, allowed: list[type]) -> tuple[list[str]
     types = types or sorted(set(_GLOBAL.findall(str(err))))
     if types:
         return types, f"it holds Python objects of type {', '.join(types)}"
-    return [], f"it uses pickle instructions outside the weights-only subset ({_reason(err)})"
+    return None                                         # e.g. not a pickle at all: unreadable
 
 
 def _static_globals(path: Path, allowed: list[type]) -> list[str]:

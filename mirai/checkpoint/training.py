@@ -185,10 +185,13 @@ def save_training_checkpoint(run_dir: str | os.PathLike, step: int, *, runtime, 
         finish_save(run_dir, ckpt, {"step": int(step), **meta, "finite": finite}, records, keep_last,
                     runtime.is_main, runtime.barrier)
     except BaseException as err:
-        if runtime.world_size == 1:                 # nobody else writes here: free the space now
+        pointer = checkpoints_dir(run_dir) / LATEST
+        completed = pointer.is_file() and pointer.read_text().strip() == ckpt.name    # failed after `latest`
+        removed = runtime.world_size == 1 and not completed          # nobody else writes here: free the space
+        if removed:
             shutil.rmtree(ckpt, ignore_errors=True)
         if isinstance(err, DiskFullError):
-            raise DiskFullError(f"{err}. {_save_failed_note(run_dir, ckpt, runtime.world_size == 1)}",
+            raise DiskFullError(f"{err}. {_save_failed_note(run_dir, ckpt, removed)}",
                                 err.path, err.needed, err.free) from err
         raise
     return ckpt
