@@ -214,6 +214,16 @@ class TrainConfig:
     """Optimizer steps between checkpoints (one is also written at the end)."""
     keep_last: int = 2
     """Number of most recent checkpoints kept (older ones are deleted after a new one is complete)."""
+    loss_spike_factor: Optional[float] = None
+    """Loss-spike stop: on a log step, stop the run (exit code 4, no checkpoint written from that state) when the
+    logged NTP loss exceeds this factor times the lowest reference so far, min(ln(model.vocab_size), every NTP
+    loss logged in this run, resumes included). null: off. A factor of 2-3 only fires on a real blow-up; the
+    NTP loss is compared (not the total loss, which jumps when a foresight warm-up or lambda schedule switches).
+    Non-finite losses and gradient norms always stop the run, whatever this is."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective (gradient all-reduce, loss read, checkpoint barrier, the stop agreement) may wait for
+    the other ranks before this rank fails with an error naming it (a rank hung or died); also the limit of the
+    process-group set-up. Multi-process runs only."""
     seed: int = 0
     """Seed of parameter init, data order, augmentation choice and dropout."""
     backend: Literal["auto", "deepspeed", "ddp", "single"] = "auto"
@@ -329,7 +339,7 @@ def _coerce(value: Any, tp, where: str, from_string: bool) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, where)
+        return _build(tp, value, f"{where}.")
     if origin in (tuple, list) or tp in (tuple, list):
         if from_string and isinstance(value, str):
             text = value.strip()
@@ -440,6 +450,25 @@ def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _refuse_duplicate_keys(node, path: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError naming the dotted key and its lines when a YAML mapping repeats a key
+    (``yaml.safe_load`` would silently keep the last value)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<":
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(f"{'.'.join(path + (key,))}: given twice (lines {seen[key]} and {line}); "
+                                      "remove one")
+                seen[key] = line
+            _refuse_duplicate_keys(value_node, path + ((key,) if key is not None else ()))
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path)
+
+
 def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The merged mapping of a YAML config file and its ``base:`` chain."""
     path = Path(path)
@@ -450,10 +479,16 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
         raise ConfigError(f"{path}: base chain loops ({' -> '.join(map(str, _seen + (path,)))})")
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    try:
+        _refuse_duplicate_keys(root)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
@@ -554,10 +589,25 @@ def _check(cond: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
-def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> None:
-    """Cross-field checks; raises ConfigError naming the first offending field."""
+def _float_fields(obj, prefix: str = ""):
+    """(dotted name, value) of every float in a config, list entries included (``foresight.lambdas[1]``)."""
+    for f in dataclasses.fields(obj):
+        value, where = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{where}.")
+        elif isinstance(value, float):
+            yield where, value
+        elif isinstance(value, (list, tuple)):
+            yield from ((f"{where}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+
+
+def validate(cfg: Config, world_size: int = 1, check_data: bool = True, scan_features: bool = False) -> None:
+    """Cross-field checks; raises ConfigError naming the first offending field. ``check_data``: the code store
+    too (``validate_data``; ``scan_features``: every stored feature as well, see there)."""
     m, t, o, d, e = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.ema
     _check(bool(cfg.name), "name", "must not be empty")
+    for where, value in _float_fields(cfg):                     # inf / nan pass every `x > 0` style check
+        _check(math.isfinite(value), where, f"must be a finite number, got {value}")
     # model
     _check(m.vocab_size >= 2, "model.vocab_size", f"must be >= 2, got {m.vocab_size}")
     _check(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
@@ -590,11 +640,15 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> None:
     _check(t.ckpt_every >= 1, "train.ckpt_every", f"must be >= 1, got {t.ckpt_every}")
     _check(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _check(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", f"must be > 0, got {t.peak_flops}")
+    _check(t.loss_spike_factor is None or t.loss_spike_factor > 1, "train.loss_spike_factor",
+           f"must be > 1 (e.g. 3.0) or null (off), got {t.loss_spike_factor}")
+    _check(t.collective_timeout_s > 0, "train.collective_timeout_s", f"must be > 0, got {t.collective_timeout_s}")
     if t.resume not in ("auto", "none"):
         _check(Path(t.resume).exists(), "train.resume", f"checkpoint folder {t.resume} does not exist")
     # optim
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {o.betas}")
+    _check(o.eps > 0, "optim.eps", f"must be > 0 (Adam divides by sqrt(v) + eps), got {o.eps}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
@@ -607,7 +661,7 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> None:
     # foresight
     validate_foresight(cfg, gpt_config)
     if check_data:
-        validate_data(cfg)
+        validate_data(cfg, scan_features=scan_features)
 
 
 def validate_regions(m: ModelConfig) -> None:
@@ -657,8 +711,11 @@ def validate_foresight(cfg: Config, gpt_config) -> None:
                    "must be true when foresight.use_precomputed_features is set (Mirai-I reads the store's features)")
 
 
-def validate_data(cfg: Config) -> None:
-    """The code store exists, is finished and matches the model."""
+def validate_data(cfg: Config, scan_features: bool = False) -> None:
+    """The code store exists, is finished and matches the model, and every code and label in it is in range
+    (a full memory-mapped scan). The features (Mirai-I, data.features) are checked for NaN / Inf per batch
+    by the loader, and all at once here with ``scan_features`` (``mirai train --check``): a features file
+    can be terabytes."""
     d, m = cfg.data, cfg.model
     _check(bool(d.codes), "data.codes", "no code store folder given (set data.codes=PATH from `mirai prepare`)")
     _check(Path(d.codes).is_dir(), "data.codes", f"folder {d.codes} does not exist (run `mirai prepare` first)")
@@ -675,6 +732,10 @@ def validate_data(cfg: Config) -> None:
            f"{m.vocab_size} is smaller than the store's vocab_size {meta.get('vocab_size')}")
     _check(int(meta.get("num_classes", m.num_classes)) <= m.num_classes, "model.num_classes",
            f"{m.num_classes} is smaller than the store's num_classes {meta.get('num_classes')}")
+    try:
+        store.check(m.vocab_size, m.num_classes, features=scan_features and d.features)
+    except CodeStoreError as err:
+        raise ConfigError(f"data.codes: {err}") from None
     _check(len(store) >= cfg.train.global_batch, "train.global_batch",
            f"{cfg.train.global_batch} is larger than the store's {len(store)} images")
     if d.features:

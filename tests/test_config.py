@@ -122,3 +122,49 @@ def test_cli_refuses_bad_config_before_any_work(debug_cfg, tmp_path, capsys):
                "foresight.mode=ema", "foresight.layer=3"])
     assert rc == 2 and not out.exists()
     assert "foresight.layer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.lr=nan", "optim.lr"),
+    ("optim.weight_decay=inf", "optim.weight_decay"),
+    ("optim.grad_clip=nan", "optim.grad_clip"),
+    ("optim.eps=0", "optim.eps"),
+    ("optim.eps=-1e-8", "optim.eps"),
+    ("foresight.lambdas=-1", "foresight.lambdas"),
+    ("foresight.lambdas=[2,-0.5,1]", "foresight.lambdas"),
+    ("foresight.lambdas=[2,inf,1]", "foresight.lambdas[1]"),
+    ("foresight.lambda_end=-2", "foresight.lambda_end"),
+    ("foresight.k=17", "foresight.k"),
+    ("foresight.head_init_std=inf", "foresight.head_init_std"),
+    ("train.loss_spike_factor=1", "train.loss_spike_factor"),
+    ("train.collective_timeout_s=0", "train.collective_timeout_s"),
+])
+def test_non_finite_and_out_of_range_values_fail_naming_the_field(override, field):
+    """inf / nan pass `x > 0` style checks, a negative lambda rewards misalignment, K is documented as 1 .. 16."""
+    cfg = load_config(REPO / "configs" / "gpt-b_mirai_e.yaml", [override])
+    msg = _error(validate, cfg, world_size=8, check_data=False)
+    assert msg.startswith(field + ":"), msg
+    validate(load_config(REPO / "configs" / "gpt-b_mirai_e.yaml", ["foresight.k=16", "foresight.lambdas=0"]),
+             world_size=8, check_data=False)                      # the edges of the ranges are fine
+
+
+def test_yaml_duplicate_keys_fail_naming_the_file_and_key(tmp_path):
+    top = tmp_path / "top.yaml"
+    top.write_text("base: gpt-b_baseline.yaml\noptim:\n  lr: 1.0e-4\noptim:\n  weight_decay: 0.1\n")
+    msg = _error(load_config, top)
+    assert msg.startswith(str(top)) and "optim: given twice (lines 2 and 4)" in msg
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  max_steps: 10\n  micro_batch: 4\n  max_steps: 20\n")
+    msg = _error(load_config, nested)
+    assert msg.startswith(str(nested)) and "train.max_steps: given twice (lines 2 and 4)" in msg
+
+
+def test_nested_yaml_errors_keep_the_dots(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("train:\n  max_step: 10\nforesight:\n  encoder:\n    nme: x\n")
+    assert _error(load_config, path).startswith("train.max_step: unknown key; did you mean 'max_steps'")
+    path.write_text("foresight:\n  encoder:\n    nme: x\n")
+    assert _error(load_config, path).startswith("foresight.encoder.nme: unknown key")
+    path.write_text("train:\n  micro_batch: lots\n")
+    assert _error(load_config, path).startswith("train.micro_batch: expected int")

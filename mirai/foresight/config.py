@@ -33,6 +33,7 @@ INJECTIONS = ("internal", "output")
 TEACHERS = ("online", "static")
 BACKENDS = ("auto", "fused", "reference")
 TARGET_DTYPES = ("bf16", "fp32")
+MAX_HEADS = 16          # the documented range of K is 1 .. 16 (the largest the paper studies)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ForesightConfig:
     """"none" (plain LlamaGen), "ema" (Mirai-E: EMA of the model's own first layers) or
     "encoder" (Mirai-I: frozen bidirectional encoder, or its precomputed features)."""
     k: int | None = None
-    """Number of foresight heads K (1 .. 16 in the paper); None = 3 for ema, 1 for encoder."""
+    """Number of foresight heads K (1 .. 16, the paper's range); None = 3 for ema, 1 for encoder."""
     layer: int | None = None
     """Injection layer l (1-based block count: the residual stream after block l);
     None = round(2/3 of depth): 8 of 12 (GPT-B), 16 of 24, 24 of 36, 32 of 48."""
@@ -167,8 +168,9 @@ class ForesightConfig:
         choice("teacher", self.teacher, TEACHERS)
         choice("backend", self.backend, BACKENDS)
         choice("target_dtype", self.target_dtype, TARGET_DTYPES)
-        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1):
-            bad("k", f"must be a positive int (number of foresight heads), got {self.k!r}")
+        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool)
+                                   or not 1 <= self.k <= MAX_HEADS):
+            bad("k", f"must be an int in 1 .. {MAX_HEADS} (number of foresight heads), got {self.k!r}")
         k = self.k if self.k is not None else (1 if self.mode == "encoder" else 3)
         if not isinstance(self.head_hidden, int) or self.head_hidden < 1:
             bad("head_hidden", f"must be a positive int, got {self.head_hidden!r}")
@@ -229,16 +231,23 @@ def default_layer(n_layer: int) -> int:
 
 
 def per_head(value, k: int, name: str = "lambdas") -> list[float]:
-    """A float or a length-k list -> list of k floats (ValueError naming the field otherwise)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [float(value)] * k
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        if len(value) == 1:
-            return [float(value[0])] * k
-        if len(value) == k:
-            return [float(v) for v in value]
-        raise ValueError(f"foresight.{name}: per-head list has {len(value)} entries, k = {k}")
-    raise ValueError(f"foresight.{name}: must be a float or a list of floats, got {value!r}")
+    """A float or a length-k list of finite floats >= 0 -> list of k floats (ValueError naming the field
+    otherwise: a negative weight would reward misalignment)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if number(value):
+        value = [value]
+    if not (isinstance(value, (list, tuple)) and all(number(v) for v in value)):
+        raise ValueError(f"foresight.{name}: must be a float or a list of floats, got {value!r}")
+    for v in value:
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"foresight.{name}: each weight must be a finite number >= 0, got {v!r}")
+    if len(value) == 1:
+        return [float(value[0])] * k
+    if len(value) == k:
+        return [float(v) for v in value]
+    raise ValueError(f"foresight.{name}: per-head list has {len(value)} entries, k = {k}")
 
 
 def encoder_dim(name: str) -> int:
