@@ -12,9 +12,16 @@ Layout of a code store folder::
     features.npy   uint16 [N, A, Tf, C] optional encoder patch features, bf16 bits stored as uint16
 
 Every array is memory-mapped (``np.load(mmap_mode="r")``), so a loader never opens
-one file per sample. ``CodeStoreWriter`` preallocates the arrays, fills rows in any
-order (several ranks may each fill their own rows) and writes ``meta.json`` only in
-``finalize`` once every row is done; ``CodeStore`` refuses a folder without it.
+one file per sample. ``CodeStore`` refuses arrays of the wrong shape or dtype (float labels or codes
+would be truncated silently) and unreadable files (an empty ``codes.npy``) naming the file;
+``CodeStore.check(vocab_size, num_classes)`` scans every code and label in memory-mapped chunks
+(a code >= the vocabulary, a label outside [0, num_classes): the label ``num_classes`` is the CFG null
+class, so it would train silently) and, on request, every feature (NaN / Inf); ``check_features`` does
+the latter for one loaded batch. Each error names the file, the field and the first bad index.
+
+``CodeStoreWriter`` preallocates the arrays, fills rows in any order (several ranks may each fill
+their own rows) and writes ``meta.json`` only in ``finalize`` once every row is done; ``CodeStore``
+refuses a folder without it.
 """
 from __future__ import annotations
 
@@ -32,6 +39,44 @@ FORMAT = "mirai-codes-v1"
 
 class CodeStoreError(ValueError):
     """A code store folder is missing, incomplete or inconsistent (the message names the file)."""
+
+
+SCAN_CHUNK_BYTES = 64 << 20          # memory-mapped scans read this much at a time
+_BF16_EXPONENT = 0x7F80              # bf16 bits: all exponent bits set = Inf or NaN
+_DTYPES = {"codes.npy": "integer", "labels.npy": "integer", "features.npy": np.dtype(np.uint16)}
+
+
+def _row_chunks(arr: np.ndarray):
+    """(first row, rows) slices of `arr` of about SCAN_CHUNK_BYTES each (memory maps are read lazily)."""
+    row_bytes = max(1, arr.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
+    step = max(1, SCAN_CHUNK_BYTES // row_bytes)
+    for start in range(0, arr.shape[0], step):
+        yield start, arr[start:start + step]
+
+
+def first_nonfinite_bf16(bits: np.ndarray) -> tuple[int, ...] | None:
+    """Index of the first Inf / NaN in an array of bf16 bit patterns (uint16), or None when all are finite."""
+    magnitude = np.bitwise_and(bits, 0x7FFF)
+    if magnitude.size == 0 or magnitude.max() < _BF16_EXPONENT:
+        return None
+    flat = int(np.flatnonzero(magnitude.reshape(-1) >= _BF16_EXPONENT)[0])
+    return tuple(int(i) for i in np.unravel_index(flat, bits.shape))
+
+
+def _feature_error(path: Path | str, where: tuple[int, int, int, int], bits: int) -> CodeStoreError:
+    value = (np.array([bits], dtype=np.uint32) << 16).view(np.float32)[0]          # bf16 bits -> float32
+    return CodeStoreError(f"{path}: features: non-finite value {value} at index [{', '.join(map(str, where))}] "
+                          "(image, augmentation, patch, channel); re-extract this store's features "
+                          "(`mirai prepare --encoder`)")
+
+
+def check_features(bits: np.ndarray, index: np.ndarray, aug: np.ndarray, path: Path | str) -> None:
+    """Refuse a loaded batch of features (uint16 bf16 bits [B, Tf, C] of images `index`, augmentations `aug`)
+    holding an Inf or NaN, naming the file and the first bad (image, augmentation, patch, channel)."""
+    bad = first_nonfinite_bf16(bits)
+    if bad is not None:
+        b, patch, chan = bad
+        raise _feature_error(path, (int(index[b]), int(aug[b]), patch, chan), int(bits[bad]))
 
 
 @dataclass(frozen=True)
@@ -158,11 +203,45 @@ class CodeStore:
             raise CodeStoreError(f"{path}: missing")
         try:
             arr = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as err:
-            raise CodeStoreError(f"{path}: unreadable ({err})") from err
+        except (ValueError, OSError, EOFError) as err:          # EOFError: an empty file
+            raise CodeStoreError(f"{path}: unreadable, not a .npy array ({type(err).__name__}: "
+                                 f"{err or 'empty file'})") from None
         if arr.shape != tuple(shape):
             raise CodeStoreError(f"{path}: shape {arr.shape}, meta.json says {tuple(shape)}")
+        want = _DTYPES[name]
+        if want == "integer" and (not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+            raise CodeStoreError(f"{path}: dtype {arr.dtype}, expected integers ({name[:-4]} would be truncated)")
+        if want != "integer" and arr.dtype != want:
+            raise CodeStoreError(f"{path}: dtype {arr.dtype}, expected {want} (bf16 bit patterns)")
         return arr
+
+    def check(self, vocab_size: int, num_classes: int, features: bool = False) -> None:
+        """Scan the whole store (memory-mapped, chunked): every code in [0, vocab_size), every label in
+        [0, num_classes) (the tighter of these and meta.json's values), and with `features` every feature
+        finite. Raises CodeStoreError naming the file, the field and the first bad index."""
+        vocab = min(int(vocab_size), int(self.meta.get("vocab_size", vocab_size)))
+        classes = min(int(num_classes), int(self.meta.get("num_classes", num_classes)))
+        why = f"(model.vocab_size {vocab_size}, meta.json vocab_size {self.meta.get('vocab_size')})"
+        signed = np.issubdtype(self.codes.dtype, np.signedinteger)
+        for start, chunk in _row_chunks(self.codes):                       # [n, A, T]
+            if chunk.size and (int(chunk.max()) >= vocab or (signed and int(chunk.min()) < 0)):
+                i, a, t = np.unravel_index(int(np.flatnonzero((chunk >= vocab) | (chunk < 0))[0]), chunk.shape)
+                raise CodeStoreError(f"{self.root / 'codes.npy'}: codes: token id {int(chunk[i, a, t])} at index "
+                                     f"[{start + int(i)}, {int(a)}, {int(t)}] (image, augmentation, position) is "
+                                     f"outside [0, {vocab}) {why}")
+        labels = np.asarray(self.labels)
+        bad = np.flatnonzero((labels < 0) | (labels >= classes))
+        if len(bad):
+            i = int(bad[0])
+            raise CodeStoreError(f"{self.root / 'labels.npy'}: labels: label {int(labels[i])} at index {i} is outside "
+                                 f"[0, {classes}) (model.num_classes {num_classes}, meta.json num_classes "
+                                 f"{self.meta.get('num_classes')}; the label num_classes is the CFG null class)")
+        if features and self.features is not None:
+            for start, chunk in _row_chunks(self.features):                # [n, A, Tf, C]
+                bad = first_nonfinite_bf16(chunk)
+                if bad is not None:
+                    i, a, patch, chan = bad
+                    raise _feature_error(self.root / "features.npy", (start + i, a, patch, chan), int(chunk[bad]))
 
     def __len__(self) -> int:
         return int(self.meta["num_images"])

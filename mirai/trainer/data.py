@@ -16,7 +16,14 @@ Order of the data (deterministic given seed, epoch and position, independent of 
 
 Loading: a ``torch.utils.data.DataLoader`` with automatic batching off; each item is a whole
 micro-batch read from the memory maps with one fancy-indexing call (no per-sample file opens).
-Worker processes open the store lazily (memory maps are never pickled). The DataLoader gets its
+Worker processes open the store lazily (memory maps are never pickled). They leave Ctrl-C to the
+training process (SIGINT ignored) and outlive a SIGTERM (a scheduler signals every process of the job)
+by ``WORKER_GRACE_S``, so a step still fetching its batches gets them; the trainer then ends the
+iteration (``TrainLoader.close``), which stops them cleanly, before it writes its checkpoint (a worker
+dying meanwhile would make torch raise in the training process). Codes and labels were range-checked
+when the run validated the store (``CodeStore.check``); features are checked for NaN / Inf here, per
+micro-batch on the host before it is copied (``mirai.data.format.check_features``): a bad one raises
+``CodeStoreError`` naming features.npy and the first bad index, before any step sees it. The DataLoader gets its
 own ``torch.Generator`` so creating one never consumes the global RNG (dropout stays reproducible).
 
 A batch is a dict: ``codes`` int64 [B, T] (raster order, as stored; the model reorders them, e.g.
@@ -27,6 +34,8 @@ bf16 [B, Tf, C] when features are read, and ``images`` uint8 [B, 3, S, S] when a
 """
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -34,8 +43,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mirai.data.format import CodeStore
+from mirai.data.format import CodeStore, CodeStoreError, check_features
 from mirai.trainer.crops import StoreImages
+
+WORKER_GRACE_S = 10       # seconds a loader worker keeps serving after a SIGTERM, then it exits
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,7 @@ class CodeBatches(Dataset):
         }
         if self.with_features:
             feats = store.features[idx[order], aug[order]][inv]               # uint16 [B, Tf, C]
+            check_features(feats, idx, aug, store.root / "features.npy")
             out["features"] = torch.from_numpy(np.ascontiguousarray(feats)).view(torch.bfloat16)
         if self.images is not None:
             out["images"] = self.images.load(idx, aug)                         # uint8 [B, 3, S, S]
@@ -136,6 +148,7 @@ class TrainLoader:
             raise ValueError(f"data.codes: the store holds {self.num_images} images, fewer than one global "
                              f"batch of {shard.global_batch}")
         self._step = 0
+        self._active: Iterator[dict[str, torch.Tensor]] | None = None
         if num_workers == 0:  # the main process reads the maps; keep the store for the loop
             self.dataset._store = store
         else:                 # workers open their own maps; do not hold them here
@@ -180,15 +193,45 @@ class TrainLoader:
             return
         loader = DataLoader(self.dataset, sampler=keys, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                            generator=torch.Generator().manual_seed(self.seed))
-        yield from loader
+                            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=_worker_signals)
+        workers = iter(loader)
+        try:
+            yield from workers
+            return
+        except CodeStoreError as err:       # re-raised from a worker with its traceback text: keep the message
+            message = str(err).rstrip().splitlines()[-1].split("CodeStoreError: ", 1)[-1]
+        finally:
+            del workers                     # stops them now, not when a traceback holding them is collected
+        raise CodeStoreError(message)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.close()
+        self._active = self._batches()
+        return self._active
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch, micro = self.position(self._step)
         while True:
             for batch in self._loader(self.epoch_keys(epoch, micro)):
                 yield batch
             epoch, micro = epoch + 1, 0
+
+    def close(self) -> None:
+        """End the current iteration: its worker processes exit now."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+
+def _worker_signals(worker_id: int) -> None:
+    """A DataLoader worker leaves Ctrl-C to the training process and outlives a SIGTERM by WORKER_GRACE_S."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def _worker_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGALRM, lambda *_: os._exit(0))
+    signal.alarm(WORKER_GRACE_S)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
