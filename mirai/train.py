@@ -25,6 +25,7 @@ import argparse
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ def build_run(cfg: Config) -> Run:
     from mirai.trainer.step import StepRunner
 
     t_cfg = cfg.train
-    rt = setup(t_cfg.backend, t_cfg.device)
+    rt = setup(t_cfg.backend, t_cfg.device, t_cfg.collective_timeout_s)
     seed_everything(t_cfg.seed)
     gpt = build_gpt(cfg.model.name, **cfg.model.gpt_overrides())
     objective = None
@@ -161,13 +162,28 @@ def build_run(cfg: Config) -> Run:
 
 
 def train(cfg: Config) -> TrainResult:
-    """Run (or resume) the training described by a validated config in this process."""
+    """Run (or resume) the training described by a validated config in this process. Rank 0 holds the run
+    folder's lock throughout (``mirai.trainer.runlock``); early ends raise ``mirai.trainer.stop.RunStop``."""
+    from mirai.trainer.distributed import launcher_env
+    from mirai.trainer.runlock import RunLock
+    rank, _, _ = launcher_env()
+    with RunLock(cfg.run_dir) if rank == 0 else nullcontext():     # one trainer per run folder
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> TrainResult:
     from mirai.checkpoint import (CheckpointError, load_training_checkpoint, resume_checkpoint,
                                   save_training_checkpoint)
+    from mirai.trainer.distributed import cpu_group
+    from mirai.trainer.divergence import DivergenceGuard
     from mirai.trainer.logging import MetricsLogger, flops_per_image, peak_flops
+    from mirai.trainer.stop import LauncherWatch, StopAgreement, Stopped, StopSignals, naming_collective
 
-    run = build_run(cfg)
-    t_cfg, rt, engine, loader, runner = cfg.train, run.runtime, run.engine, run.loader, run.runner
+    t_cfg = cfg.train
+    timeout = t_cfg.collective_timeout_s
+    with naming_collective("the set-up (process group, engine, first broadcasts)", timeout):
+        run = build_run(cfg)
+    rt, engine, loader, runner = run.runtime, run.engine, run.loader, run.runner
     run_dir = cfg.run_dir
     total_steps, accum = run.total_steps, run.accum
     end_step = min(total_steps, t_cfg.stop_at) if t_cfg.stop_at is not None else total_steps
@@ -198,48 +214,73 @@ def train(cfg: Config) -> TrainResult:
                        + (f" | resumed from {ckpt}" if ckpt is not None else ""))
     fl_total, fl_backbone = flops_per_image(run.gpt.config, run.fcfg if run.fcfg.enabled else None)
     peak = peak_flops(t_cfg.peak_flops, engine.device)
+    guard = DivergenceGuard(runner.meter, engine, run.ema_state, t_cfg.loss_spike_factor, cfg.model.vocab_size,
+                            start_step, ckpt)
+    agreement = StopAgreement(cpu_group(timeout))              # every rank stops after the same step
+    launcher = LauncherWatch()
     engine.train()
     loader.start(start_step)
     batches_iter = iter(loader)
     metrics: list[dict[str, Any]] = []
     last_ckpt = None
     t_last, last_log = time.perf_counter(), start_step
-    for step in range(start_step, end_step):
-        epoch = loader.epoch_of(step)
-        batches = [next(batches_iter) for _ in range(accum)]
-        runner.run(step, epoch, batches)
-        logger.advance()
-        done = step + 1
-        if done % t_cfg.log_every == 0 or done == end_step:
-            losses = runner.meter.read()                            # the one host sync
-            now = time.perf_counter()
-            dt = max(now - t_last, 1e-9)
-            steps = done - last_log
-            img_rank = steps * accum * t_cfg.micro_batch / dt
-            state = runner.state()
-            record = {"step": done, "epoch": epoch, **losses,
-                      "foresight_loss": sum(lam * h for lam, h in zip(state["lambdas"], losses["head_loss"])),
-                      "lambdas": state["lambdas"], "lr": state["lr"], "grad_norm": engine.grad_norm(),
-                      "img_per_s_per_gpu": img_rank, "img_per_s": img_rank * rt.world_size,
-                      "step_time_s": dt / steps, "tflops_per_gpu": img_rank * fl_total / 1e12,
-                      "mfu": None if peak is None else img_rank * fl_total / peak,
-                      "backbone_tflops_per_gpu": img_rank * fl_backbone / 1e12,
-                      "backbone_mfu": None if peak is None else img_rank * fl_backbone / peak}
-            metrics.append(record)
-            logger.log(record)
-            t_last, last_log = time.perf_counter(), done
-        if done % t_cfg.ckpt_every == 0 or done == end_step:
-            last_ckpt = save_training_checkpoint(
-                run_dir, done, runtime=rt, engine=engine, ema_state=run.ema_state,
-                loader_state=loader.state_dict(done), keep_last=t_cfg.keep_last,
-                meta={**run.expected, "epoch": loader.epoch_of(done), "total_steps": total_steps,
-                      "world_size": rt.world_size, "name": cfg.name})
-            t_last = time.perf_counter()
-    logger.close()
+    try:
+        with StopSignals(rt.rank) as signals:
+            for step in range(start_step, end_step):
+                epoch = loader.epoch_of(step)
+                batches = [next(batches_iter) for _ in range(accum)]
+                done = step + 1
+                with naming_collective(f"step {done} (forward, backward with its gradient reduction, optimizer "
+                                       "step)", timeout):
+                    runner.run(step, epoch, batches)
+                logger.advance()
+                with naming_collective(f"the stop agreement after step {done} (all-reduce over gloo)", timeout):
+                    stop = agreement.poll(signals.received, launcher.gone())
+                if stop:
+                    loader.close()              # no more batches: its workers exit cleanly before the checkpoint
+                if done % t_cfg.log_every == 0 or done == end_step or stop:
+                    with naming_collective(f"the loss all-reduce of log step {done}", timeout):
+                        losses = runner.meter.read()                    # the one host sync
+                        now = time.perf_counter()
+                        dt = max(now - t_last, 1e-9)
+                        steps = done - last_log
+                        img_rank = steps * accum * t_cfg.micro_batch / dt
+                        state = runner.state()
+                        record = {"step": done, "epoch": epoch, **losses,
+                                  "foresight_loss": sum(lam * h for lam, h in zip(state["lambdas"],
+                                                                                 losses["head_loss"])),
+                                  "lambdas": state["lambdas"], "lr": state["lr"], "grad_norm": engine.grad_norm(),
+                                  "img_per_s_per_gpu": img_rank, "img_per_s": img_rank * rt.world_size,
+                                  "step_time_s": dt / steps, "tflops_per_gpu": img_rank * fl_total / 1e12,
+                                  "mfu": None if peak is None else img_rank * fl_total / peak,
+                                  "backbone_tflops_per_gpu": img_rank * fl_backbone / 1e12,
+                                  "backbone_mfu": None if peak is None else img_rank * fl_backbone / peak}
+                        metrics.append(record)
+                        logger.log(record)
+                        guard.check_log(done, losses["ntp_loss"])       # non-finite or spiking: Diverged
+                    t_last, last_log = time.perf_counter(), done
+                if done % t_cfg.ckpt_every == 0 or done == end_step or stop:
+                    with naming_collective(f"the checkpoint of step {done}", timeout):
+                        guard.check_checkpoint(done)                    # never save a non-finite state
+                        last_ckpt = save_training_checkpoint(
+                            run_dir, done, runtime=rt, engine=engine, ema_state=run.ema_state,
+                            loader_state=loader.state_dict(done), keep_last=t_cfg.keep_last,
+                            meta={**run.expected, "epoch": loader.epoch_of(done), "total_steps": total_steps,
+                                  "world_size": rt.world_size, "name": cfg.name})
+                    guard.last_checkpoint = last_ckpt
+                    t_last = time.perf_counter()
+                if stop:
+                    raise Stopped(f"stopped after step {done} of {total_steps}: {stop}. Checkpoint {last_ckpt} is "
+                                  "written; resume with the same command")
+        agreement.close()
+    finally:
+        loader.close()
+        logger.close()
     return TrainResult(run_dir=run_dir, step=max(end_step, start_step), metrics=metrics, checkpoint=last_ckpt)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; its exit codes are listed in mirai/trainer/stop.py."""
     args = build_parser().parse_args(argv)
     overrides = [item for group in args.overrides for item in group]
     from mirai.trainer.distributed import launcher_env, teardown
@@ -249,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        _, world, _ = launcher_env()
-        validate(cfg, world_size=world)
+        rank, world, _ = launcher_env()
+        validate(cfg, world_size=world, scan_features=args.check)     # --check: every stored feature too
     except ConfigError as err:
         print(f"mirai train: config error: {err}", file=sys.stderr)
         return 2
@@ -258,14 +299,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mirai train: {args.config} is valid ({cfg.name} -> {cfg.run_dir})")
         return 0
     from mirai.checkpoint import CheckpointError
+    from mirai.data.format import CodeStoreError
+    from mirai.trainer.stop import EXIT_INTERRUPTED, CollectiveFailed, Diverged, RunStop, Stopped
+    code, agreed = 0, False             # agreed: every rank ends here together (a final barrier is safe)
     try:
         train(cfg)
+        agreed = True
     except CheckpointError as err:
         print(f"mirai train: checkpoint error: {err}", file=sys.stderr)
-        return 3
+        code = 3
+    except CodeStoreError as err:                   # a batch the loader refused (NaN / Inf features)
+        print(f"mirai train: data error: {err}", file=sys.stderr)
+        code = 2
+    except RunStop as stop:
+        if rank == 0 or isinstance(stop, CollectiveFailed):    # the others print the same words
+            print(f"mirai train: {stop}", file=sys.stderr)
+        code, agreed = stop.exit_code, isinstance(stop, (Stopped, Diverged))
+    except KeyboardInterrupt:
+        print("\nmirai train: interrupted: quit at once without a checkpoint of this step; the last checkpoint "
+              "is intact, resume with the same command", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     finally:
-        teardown()
-    return 0
+        teardown(barrier=agreed)
+    return code
 
 
 if __name__ == "__main__":

@@ -11,12 +11,20 @@ one rank, and on one H100 DeepSpeed's per-parameter step bookkeeping made a GPT-
 than the plain engine), else deepspeed when importable, else ddp. Without CUDA, DeepSpeed runs with ``DS_ACCELERATOR=cpu``
 (set here before deepspeed is imported) and every process group uses gloo.
 (Sharded fp32 masters and their reassembly: ``mirai.trainer.shards``.)
+
+Timeouts: every process group gets ``train.collective_timeout_s`` (``setup(timeout_s=...)``; torch's
+own default is 10 min for NCCL, 30 for gloo): a collective that waits longer for a hung or dead rank
+fails instead of blocking forever (gloo raises on the waiting rank; NCCL's watchdog ends the process),
+and ``mirai.trainer.stop.naming_collective`` names it. ``cpu_group`` makes the small gloo group the
+stop agreement uses (host-side, so it never waits for the device). ``teardown(barrier=False)`` after
+a failed collective skips the final barrier, which would only wait out the timeout again.
 """
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -99,8 +107,9 @@ def resolve_backend(requested: str, device: torch.device, world_size: int) -> st
     return requested
 
 
-def setup(requested_backend: str = "auto", requested_device: str = "auto") -> Runtime:
-    """Read the launcher env, pick device and backend, create the process group if needed."""
+def setup(requested_backend: str = "auto", requested_device: str = "auto", timeout_s: float = 1800.0) -> Runtime:
+    """Read the launcher env, pick device and backend, create the process group if needed (collectives
+    fail after `timeout_s` seconds without an answer)."""
     rank, world, local = launcher_env()
     device = pick_device(requested_device, local)
     backend = resolve_backend(requested_backend, device, world)
@@ -120,13 +129,23 @@ def setup(requested_backend: str = "auto", requested_device: str = "auto") -> Ru
             import deepspeed
             from deepspeed.utils import logger as ds_logger
             ds_logger.setLevel(logging.WARNING)          # DeepSpeed prints its whole config per rank at INFO
-            deepspeed.init_distributed(dist_backend=pg_backend, auto_mpi_discovery=False)
+            deepspeed.init_distributed(dist_backend=pg_backend, auto_mpi_discovery=False,
+                                       timeout=timedelta(seconds=timeout_s))
         else:
-            dist.init_process_group(pg_backend, rank=rank, world_size=world)
+            dist.init_process_group(pg_backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     return Runtime(rank, world, local, device, backend)
 
 
-def teardown() -> None:
+def cpu_group(timeout_s: float):
+    """A gloo process group over all ranks for small host-side collectives (collective to create); None
+    without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def teardown(barrier: bool = True) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

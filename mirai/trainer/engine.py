@@ -9,7 +9,8 @@ the per-head coefficients (host floats while they are all zero, else a [K] fp32 
 
 Engines share one interface (``Engine``): ``forward(...)``, ``backward(loss)``, ``step()`` called once
 per micro-batch (the optimizer applies at the gradient-accumulation boundary), ``set_lr``,
-``grad_norm()`` (host value; log steps only), ``save(dir)`` / ``load(dir)`` of the engine state
+``grad_norm()`` (host value; log steps only), ``grad_norm_held()`` (the same, as held: no host read),
+``save(dir)`` / ``load(dir)`` of the engine state
 (``save`` returns {file: {"bytes", "sha256"}} of what this rank wrote; every file goes through
 ``mirai.checkpoint.save_file`` / ``load_file``, DeepSpeed's own too: see ``CheckpointIO``),
 ``full_state_dicts()`` (fp32 master weights of the GPT and the heads, consolidated on rank 0;
@@ -172,6 +173,11 @@ class Engine:
     def grad_norm(self) -> float | None:
         raise NotImplementedError
 
+    def grad_norm_held(self) -> torch.Tensor | float | None:
+        """The last optimizer step's global gradient norm as the engine holds it (a device tensor, or the value
+        DeepSpeed keeps), never read back to the host here; None where there is none."""
+        raise NotImplementedError
+
     # -- state (folder: the checkpoint folder; engines write into folder / "engine")
     def save(self, folder: Path) -> dict[str, dict[str, Any]]:
         """Write the engine state; {path: {"bytes", "sha256"}} of each file this rank wrote."""
@@ -256,6 +262,9 @@ class PlainEngine(Engine):
 
     def grad_norm(self) -> float | None:
         return None if self._norm is None else float(self._norm)
+
+    def grad_norm_held(self) -> torch.Tensor | None:
+        return self._norm
 
     def save(self, folder: Path) -> dict[str, dict[str, Any]]:
         if not self.runtime.is_main:
@@ -347,6 +356,9 @@ class DeepSpeedEngine(Engine):
         super().set_lr(lr)                                     # the client optimizer's groups
         for group in getattr(self.ds_optimizer, "param_groups", []) or []:
             group["lr"] = lr
+
+    def grad_norm_held(self) -> torch.Tensor | float | None:
+        return self.ds.get_global_grad_norm()
 
     def grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()

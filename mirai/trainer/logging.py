@@ -2,7 +2,14 @@
 
 Nothing here touches the GPU between log steps: the step loop accumulates losses in device tensors
 (``LossMeter``) and only ``LossMeter.read()`` on a log step synchronises (one all-reduce of one small
-tensor across ranks, one copy to the host).
+tensor across ranks, one copy to the host). The meter also keeps, on the device, the first optimizer
+step whose loss (any micro-batch, any head) or gradient norm was not finite (``end_step``: five
+element-wise kernels per step, no read); ``first_bad_step()`` (log steps and before each checkpoint:
+one more small all-reduce) reports it, the same on every rank.
+
+``metrics.jsonl`` holds each step once: a resumed run first drops the lines of steps after the step it
+resumed from (logged by a run killed before its next checkpoint; an atomic rewrite), and TensorBoard
+events past it are purged the same way.
 
 A ``metrics.jsonl`` line (one per log step, rank 0)::
 
@@ -64,12 +71,16 @@ def flops_per_image(gpt_config, fcfg) -> tuple[float, float]:
     return b.total, b.backbone
 
 
+NO_BAD_STEP = 2 ** 62      # LossMeter.first_bad while every step was finite
+
+
 class LossMeter:
-    """Device-side sums of the losses since the last log step."""
+    """Device-side sums of the losses since the last log step, and the first non-finite step."""
 
     def __init__(self, k: int, device: torch.device):
         self.k = k
         self.device = device
+        self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
         self.reset()
 
     def reset(self) -> None:
@@ -84,6 +95,28 @@ class LossMeter:
             self.sums[2:2 + self.k] += per_head.detach().float()
         self.sums[-1] += 1.0
 
+    @torch.no_grad()
+    def end_step(self, step: int, grad_norm: torch.Tensor | float | None) -> None:
+        """After optimizer step `step` (numbered as logged, from 1): remember it as the first bad step when
+        the losses summed since the last read, or this step's gradient norm, are not finite. Device ops only
+        (an Inf or NaN in any summand makes the sum non-finite)."""
+        total = self.sums[:-1].sum()
+        if grad_norm is not None:
+            total = total + grad_norm
+        self.first_bad = torch.where(torch.isfinite(total), self.first_bad, self.first_bad.clamp(max=step))
+
+    def first_bad_step(self) -> int | None:
+        """The first step with a non-finite loss or gradient norm on any rank, or None (syncs; collective)."""
+        bad = self.first_bad.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        step = int(bad)
+        return None if step == NO_BAD_STEP else step
+
+    def mark_bad(self, step: int, bad: torch.Tensor) -> None:
+        """Fold a device flag found outside the step (non-finite weights after step `step`) into the first bad step."""
+        self.first_bad = torch.where(bad, self.first_bad.clamp(max=step), self.first_bad)
+
     def read(self) -> dict[str, Any]:
         """Mean over micro-batches and ranks (syncs; log steps only), then reset."""
         sums = self.sums.clone()
@@ -93,6 +126,28 @@ class LossMeter:
         n = max(vals[-1], 1.0)
         self.reset()
         return {"loss": vals[0] / n, "ntp_loss": vals[1] / n, "head_loss": [v / n for v in vals[2:2 + self.k]]}
+
+
+def keep_steps_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    """Drop the records of steps after `step` from a metrics.jsonl (and a line cut short by a kill), by an
+    atomic rewrite when anything is dropped; returns the records kept."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    kept, records = [], []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            kept.append(line)
+            records.append(record)
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return records
 
 
 class MetricsLogger:
@@ -107,11 +162,12 @@ class MetricsLogger:
         if not is_main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.history = keep_steps_up_to(self.path, start_step)
         self._fh = open(self.path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
             except Exception:  # noqa: BLE001 - tensorboard is optional
                 self.tb = None
         if progress:

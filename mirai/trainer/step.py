@@ -11,7 +11,9 @@
    ``foresight.target_dtype``, skipped while the coefficients are zero; the engine forward /
    backward / step; losses accumulated in a device-side meter;
 4. the EMA update (which also refreshes the online teacher); with ``optim.fuse_ema`` the optimizer
-   applies it in its own pass and the EMA state only books it.
+   applies it in its own pass and the EMA state only books it;
+5. the divergence flag: ``meter.end_step`` records this step on the device when its losses or the
+   gradient norm are not finite.
 
 No ``.item()`` / host sync happens here; the caller reads the meter on log steps only.
 """
@@ -108,6 +110,7 @@ class StepRunner:
             self.meter.add(loss, ntp, per_head)
         if self.ema_state is not None:
             self.ema_state.update(step)
+        self.meter.end_step(step + 1, engine.grad_norm_held())      # numbered as logged: step + 1
 
     def state(self) -> dict[str, Any]:
         return {"lr": self.last_lr, "lambdas": list(self.last_coeffs)}
