@@ -25,7 +25,7 @@ import argparse
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,58 +224,54 @@ def _train(cfg: Config) -> TrainResult:
     metrics: list[dict[str, Any]] = []
     last_ckpt = None
     t_last, last_log = time.perf_counter(), start_step
-    try:
-        with StopSignals(rt.rank) as signals:
-            for step in range(start_step, end_step):
-                epoch = loader.epoch_of(step)
-                batches = [next(batches_iter) for _ in range(accum)]
-                done = step + 1
-                with naming_collective(f"step {done} (forward, backward with its gradient reduction, optimizer "
-                                       "step)", timeout):
-                    runner.run(step, epoch, batches)
-                logger.advance()
-                with naming_collective(f"the stop agreement after step {done} (all-reduce over gloo)", timeout):
-                    stop = agreement.poll(signals.received, launcher.gone())
-                if stop:
-                    loader.close()              # no more batches: its workers exit cleanly before the checkpoint
-                if done % t_cfg.log_every == 0 or done == end_step or stop:
-                    with naming_collective(f"the loss all-reduce of log step {done}", timeout):
-                        losses = runner.meter.read()                    # the one host sync
-                        now = time.perf_counter()
-                        dt = max(now - t_last, 1e-9)
-                        steps = done - last_log
-                        img_rank = steps * accum * t_cfg.micro_batch / dt
-                        state = runner.state()
-                        record = {"step": done, "epoch": epoch, **losses,
-                                  "foresight_loss": sum(lam * h for lam, h in zip(state["lambdas"],
-                                                                                 losses["head_loss"])),
-                                  "lambdas": state["lambdas"], "lr": state["lr"], "grad_norm": engine.grad_norm(),
-                                  "img_per_s_per_gpu": img_rank, "img_per_s": img_rank * rt.world_size,
-                                  "step_time_s": dt / steps, "tflops_per_gpu": img_rank * fl_total / 1e12,
-                                  "mfu": None if peak is None else img_rank * fl_total / peak,
-                                  "backbone_tflops_per_gpu": img_rank * fl_backbone / 1e12,
-                                  "backbone_mfu": None if peak is None else img_rank * fl_backbone / peak}
-                        metrics.append(record)
-                        logger.log(record)
-                        guard.check_log(done, losses["ntp_loss"])       # non-finite or spiking: Diverged
-                    t_last, last_log = time.perf_counter(), done
-                if done % t_cfg.ckpt_every == 0 or done == end_step or stop:
-                    with naming_collective(f"the checkpoint of step {done}", timeout):
-                        guard.check_checkpoint(done)                    # never save a non-finite state
-                        last_ckpt = save_training_checkpoint(
-                            run_dir, done, runtime=rt, engine=engine, ema_state=run.ema_state,
-                            loader_state=loader.state_dict(done), keep_last=t_cfg.keep_last,
-                            meta={**run.expected, "epoch": loader.epoch_of(done), "total_steps": total_steps,
-                                  "world_size": rt.world_size, "name": cfg.name})
-                    guard.last_checkpoint = last_ckpt
-                    t_last = time.perf_counter()
-                if stop:
-                    raise Stopped(f"stopped after step {done} of {total_steps}: {stop}. Checkpoint {last_ckpt} is "
-                                  "written; resume with the same command")
+    with StopSignals(rt.rank) as signals, closing(loader), closing(logger):
+        for step in range(start_step, end_step):
+            epoch = loader.epoch_of(step)
+            batches = [next(batches_iter) for _ in range(accum)]
+            done = step + 1
+            with naming_collective(f"step {done} (forward, backward with its gradient reduction, optimizer step)",
+                                   timeout):
+                runner.run(step, epoch, batches)
+            logger.advance()
+            with naming_collective(f"the stop agreement after step {done} (all-reduce over gloo)", timeout):
+                stop = agreement.poll(signals.received, launcher.gone())     # same on every rank
+            if stop:
+                loader.close()                  # no more batches: its workers exit cleanly before the checkpoint
+            if done % t_cfg.log_every == 0 or done == end_step or stop:
+                with naming_collective(f"the loss all-reduce of log step {done}", timeout):
+                    losses = runner.meter.read()                        # the one host sync
+                now = time.perf_counter()
+                dt = max(now - t_last, 1e-9)
+                steps = done - last_log
+                img_rank = steps * accum * t_cfg.micro_batch / dt
+                state = runner.state()
+                record = {"step": done, "epoch": epoch, **losses,
+                          "foresight_loss": sum(lam * h for lam, h in zip(state["lambdas"], losses["head_loss"])),
+                          "lambdas": state["lambdas"], "lr": state["lr"], "grad_norm": engine.grad_norm(),
+                          "img_per_s_per_gpu": img_rank, "img_per_s": img_rank * rt.world_size,
+                          "step_time_s": dt / steps, "tflops_per_gpu": img_rank * fl_total / 1e12,
+                          "mfu": None if peak is None else img_rank * fl_total / peak,
+                          "backbone_tflops_per_gpu": img_rank * fl_backbone / 1e12,
+                          "backbone_mfu": None if peak is None else img_rank * fl_backbone / peak}
+                metrics.append(record)
+                logger.log(record)
+                with naming_collective(f"the divergence check of log step {done}", timeout):
+                    guard.check_log(done, losses["ntp_loss"])           # non-finite or spiking: Diverged
+                t_last, last_log = time.perf_counter(), done
+            if done % t_cfg.ckpt_every == 0 or done == end_step or stop:
+                with naming_collective(f"the checkpoint of step {done}", timeout):
+                    guard.check_checkpoint(done)                        # never save a non-finite state
+                    last_ckpt = save_training_checkpoint(
+                        run_dir, done, runtime=rt, engine=engine, ema_state=run.ema_state,
+                        loader_state=loader.state_dict(done), keep_last=t_cfg.keep_last,
+                        meta={**run.expected, "epoch": loader.epoch_of(done), "total_steps": total_steps,
+                              "world_size": rt.world_size, "name": cfg.name})
+                guard.last_checkpoint = last_ckpt
+                t_last = time.perf_counter()
+            if stop and done < end_step:                # at the last step the run has simply finished
+                raise Stopped(f"stopped after step {done} of {total_steps}: {stop}. Checkpoint {last_ckpt} is "
+                              "written; resume with the same command")
         agreement.close()
-    finally:
-        loader.close()
-        logger.close()
     return TrainResult(run_dir=run_dir, step=max(end_step, start_step), metrics=metrics, checkpoint=last_ckpt)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mirai.config import ConfigError, validate
-from mirai.data.format import CodeStore, CodeStoreError, check_features, first_nonfinite_bf16
+from mirai.data.format import CodeStore, CodeStoreError
 from mirai.trainer.data import epoch_order
 from mirai.trainer.synthetic import write_synthetic_store
 
@@ -101,6 +101,7 @@ def test_non_finite_features_are_refused_before_the_step(store, tmp_path, capsys
 
 
 def test_feature_scan_helpers_find_the_first_bad_entry():
+    from mirai.data.format import check_features, first_nonfinite_bf16
     bits = torch.zeros(3, 4, 5, dtype=torch.bfloat16)
     bits[1, 2, 3] = float("-inf")
     bits[2, 0, 0] = float("nan")

@@ -128,7 +128,7 @@ def test_cli_refuses_bad_config_before_any_work(debug_cfg, tmp_path, capsys):
     ("optim.lr=inf", "optim.lr"),
     ("optim.lr=nan", "optim.lr"),
     ("optim.weight_decay=inf", "optim.weight_decay"),
-    ("optim.grad_clip=nan", "optim.grad_clip"),
+    ("optim.grad_clip=inf", "optim.grad_clip"),
     ("optim.eps=0", "optim.eps"),
     ("optim.eps=-1e-8", "optim.eps"),
     ("foresight.lambdas=-1", "foresight.lambdas"),

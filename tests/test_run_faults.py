@@ -195,7 +195,7 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused(code_store, tmp_path
     try:
         _wait_for(lambda: len(_steps(out)) >= 1, 60, "the first trainer to start", first, log)
         t0 = time.monotonic()
-        assert _main(code_store, out, *LONG) == EXIT_LOCKED
+        assert _main(code_store, out, *LONG, "train.stop_at=3") == EXIT_LOCKED     # (without the lock: trains)
         assert time.monotonic() - t0 < 30                        # at once (this includes building nothing)
         err = capsys.readouterr().err
         assert "another trainer is using this run folder" in err
@@ -273,18 +273,21 @@ def test_a_hung_rank_ends_the_job_naming_the_collective(code_store, tmp_path):
         _wait_for(lambda: len(_steps(out)) >= 3, 90, "both ranks training", procs[0], logs[0])
         os.kill(procs[1].pid, signal.SIGSTOP)
         t0 = time.monotonic()
-        rc = procs[0].wait(timeout=60)
+        try:
+            rc = procs[0].wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            rc = None
         waited = time.monotonic() - t0
     finally:
         for p in procs:
             p.kill()
             p.wait()
     text = logs[0].read_text()
-    assert rc == EXIT_COLLECTIVE, text
-    assert waited < 40 and "Traceback" not in text
+    assert rc == EXIT_COLLECTIVE, f"rc {rc} after {waited:.0f} s\n{text[-3000:]}\n{logs[1].read_text()[-2000:]}"
+    assert waited < 60 and "Traceback" not in text, text
     assert "rank 0: " in text and "failed: another rank did not answer within train.collective_timeout_s = 4 s" in text
     assert any(what in text for what in ("(forward, backward with its gradient reduction", "the stop agreement",
-                                         "the loss all-reduce"))
+                                         "the loss all-reduce", "the divergence check")), text
 
 
 @pytest.mark.distributed
