@@ -138,8 +138,8 @@ def setup(requested_backend: str = "auto", requested_device: str = "auto", timeo
 
 def cpu_group(timeout_s: float):
     """A gloo process group over all ranks for small host-side collectives (collective to create); None
-    without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
+    without a process group or with one rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 

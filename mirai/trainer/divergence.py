@@ -33,8 +33,10 @@ def nonfinite_weights(engine, ema_state) -> torch.Tensor:
     """Device bool: an Inf or NaN in this rank's parameters (ZeRO-3: its partitions) or EMA shadows."""
     params = [p.ds_tensor if engine.zero3 else p for p in engine.module.parameters()]
     shadows = list(ema_state.shadow.values()) if ema_state is not None else []
-    largest = torch.nn.utils.get_total_norm([t.detach() for t in params + shadows], norm_type=math.inf)
-    return ~torch.isfinite(largest)
+    held = [t.detach() for t in params + shadows if t.numel()]          # a rank's piece may be empty
+    if not held:
+        return torch.zeros((), dtype=torch.bool, device=engine.device)
+    return ~torch.isfinite(torch.nn.utils.get_total_norm(held, norm_type=math.inf))
 
 
 class DivergenceGuard:

@@ -128,13 +128,13 @@ class LossMeter:
         return {"loss": vals[0] / n, "ntp_loss": vals[1] / n, "head_loss": [v / n for v in vals[2:2 + self.k]]}
 
 
-def keep_steps_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+def keep_steps_up_to(path: Path, step: int) -> None:
     """Drop the records of steps after `step` from a metrics.jsonl (and a line cut short by a kill), by an
-    atomic rewrite when anything is dropped; returns the records kept."""
+    atomic rewrite when anything is dropped."""
     if not path.exists():
-        return []
+        return
     lines = path.read_text().splitlines()
-    kept, records = [], []
+    kept = []
     for line in lines:
         try:
             record = json.loads(line)
@@ -142,12 +142,10 @@ def keep_steps_up_to(path: Path, step: int) -> list[dict[str, Any]]:
             continue
         if isinstance(record, dict) and int(record.get("step", 0)) <= step:
             kept.append(line)
-            records.append(record)
     if len(kept) != len(lines):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
-    return records
 
 
 class MetricsLogger:
@@ -162,7 +160,7 @@ class MetricsLogger:
         if not is_main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.history = keep_steps_up_to(self.path, start_step)
+        keep_steps_up_to(self.path, start_step)
         self._fh = open(self.path, "a")
         if tensorboard:
             try:
