@@ -208,7 +208,7 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused(code_store, tmp_path
     assert _main(code_store, out, *LONG, f"train.stop_at={latest + 1}") == 0
 
 
-def test_lock_is_taken_only_by_rank_0_and_released(tmp_path):
+def test_the_lock_names_its_holder_and_is_released(tmp_path):
     from mirai.trainer.runlock import RunLock, RunLocked
     with RunLock(tmp_path / "run") as lock:
         holder = json.loads(lock.path.read_text())
