@@ -225,7 +225,7 @@ def _deepspeed_worker(root: Path) -> None:
 
     import mirai.trainer.distributed as distributed
     from mirai.checkpoint import read_latest
-    distributed.teardown = lambda: None     # DeepSpeed's groups cannot be rebuilt in one process: keep them
+    distributed.teardown = lambda **_: None    # DeepSpeed's groups cannot be rebuilt in one process: keep them
     store = Path((root / "store").read_text())
     ds = ["train.backend=deepspeed", "train.zero_stage=1", "train.precision=bf16"]
     assert train_main(store, root / "run", *ds) == 0
