@@ -183,8 +183,10 @@ class TrainConfig:
     """Stop (with a checkpoint) at this step without changing the schedules' horizon (time-limited jobs)."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16: bf16 weights/activations with fp32 master weights (DeepSpeed) or autocast (plain path); fp32: all fp32."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage 0..3 (0: plain data parallel)."""
+    zero_stage: Optional[int] = None
+    """DeepSpeed ZeRO stage 0..3 (0: plain data parallel). None: chosen by the memory estimate when DeepSpeed runs
+    (mirai.trainer.memory: the lowest of 1, 2, 3 that fits). Set under train.backend=auto, it asks for DeepSpeed at
+    that stage."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (saves activation memory)."""
     compile: bool = False
@@ -227,8 +229,10 @@ class TrainConfig:
     seed: int = 0
     """Seed of parameter init, data order, augmentation choice and dropout."""
     backend: Literal["auto", "deepspeed", "ddp", "single"] = "auto"
-    """auto: a single process when there is one rank (faster than DeepSpeed there: nothing to partition),
-    else DeepSpeed when importable, else DDP. Set deepspeed explicitly to use it on one GPU."""
+    """auto: a single process when there is one rank; on more, DeepSpeed at train.zero_stage when that is set, else
+    by the per-rank memory estimate (mirai.trainer.memory): DDP when a full replica fits (fp32 master weights, the
+    lowest host cost), else the lowest DeepSpeed ZeRO stage that fits (DDP when deepspeed is not importable).
+    The choice and the estimate are printed at start-up. An explicit value is always obeyed."""
     resume: str = "auto"
     """auto: continue from out_dir's latest checkpoint if any; none: start fresh; or a checkpoint folder path."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -632,7 +636,8 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True, scan_fea
     _check(t.epochs >= 1 or t.max_steps is not None, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     _check(t.stop_at is None or t.stop_at >= 1, "train.stop_at", f"must be >= 1, got {t.stop_at}")
-    _check(0 <= t.zero_stage <= 3, "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _check(t.zero_stage is None or 0 <= t.zero_stage <= 3, "train.zero_stage",
+           f"must be 0, 1, 2 or 3 (or null: chosen by the memory estimate), got {t.zero_stage}")
     _check(not (t.compile_scope == "model" and t.needs_block_compile(deepspeed=t.backend in ("auto", "deepspeed"))),
            "train.compile_scope", "'model' cannot be combined with DeepSpeed ZeRO-3 (per-module parameter "
            "gathers) or activation checkpointing (per-block recompute); use 'blocks' or 'auto'")

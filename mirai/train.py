@@ -101,11 +101,13 @@ def build_run(cfg: Config) -> Run:
     from mirai.trainer.data import Shard, TrainLoader
     from mirai.trainer.distributed import setup
     from mirai.trainer.engine import TrainModule, build_engine, compile_scope
+    from mirai.trainer.memory import engine_planner
     from mirai.trainer.shadow import EMAState
     from mirai.trainer.step import StepRunner
 
     t_cfg = cfg.train
-    rt = setup(t_cfg.backend, t_cfg.device, t_cfg.collective_timeout_s)
+    rt = setup(t_cfg.backend, t_cfg.device, t_cfg.collective_timeout_s, planner=engine_planner(cfg))
+    t_cfg.zero_stage = rt.zero_stage        # resolved: what the DeepSpeed config, compile scope and checkpoints read
     seed_everything(t_cfg.seed)
     gpt = build_gpt(cfg.model.name, **cfg.model.gpt_overrides())
     objective = None
@@ -207,8 +209,8 @@ def _train(cfg: Config) -> TrainResult:
     if rt.is_main:
         n_params = sum(p.numel() for p in run.gpt.parameters()) if not engine.zero3 else None
         logger.message(f"mirai train: {cfg.name} -> {run_dir} | {cfg.model.name} "
-                       f"{'' if n_params is None else f'{n_params / 1e6:.1f}M params '}| backend {rt.backend}"
-                       f"{f' ZeRO-{t_cfg.zero_stage}' if rt.backend == 'deepspeed' else ''} | world {rt.world_size} "
+                       f"{'' if n_params is None else f'{n_params / 1e6:.1f}M params '}| {rt.engine_note} "
+                       f"| world {rt.world_size} "
                        f"| micro {t_cfg.micro_batch} x accum {accum} | foresight {run.fcfg.mode} | steps "
                        f"{start_step}->{end_step} of {total_steps} ({loader.steps_per_epoch}/epoch)"
                        + (f" | resumed from {ckpt}" if ckpt is not None else ""))

@@ -105,3 +105,21 @@ def test_bench_checkpoint_io_validates_then_measures(tmp_path):
     recs = [json.loads(ln) for ln in (tmp_path / "checkpoint_io.jsonl").read_text().splitlines()]
     assert {"save_file", "torch.save + fsync + file_digest", "sha256 in memory"} <= {r["case"] for r in recs}
     assert all(r["bytes"] == 4 * 2 ** 20 and r["user_s"] >= 0 for r in recs)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bench_host_times_each_engine_on_two_ranks(tmp_path):
+    """The host-cost benchmark's smoke mode: 2 ranks, GPT-debug, single / DDP / ZeRO-2 through the trainer's
+    step, a record per engine with its timing, its overhead over the single process and its counts."""
+    out = _run(str(BENCH / "bench_host.py"), "--smoke", "--results-dir", str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = {r["variant"]: r for r in map(json.loads, (tmp_path / "host.jsonl").read_text().splitlines())}
+    assert {v: (r["backend"], r["zero_stage"]) for v, r in recs.items()} == {
+        "single": ("single", None), "ddp": ("ddp", None), "zero2": ("deepspeed", 2)}
+    assert all(r["cpu_ms"] > 0 and r["wall_ms"] > 0 and r["world"] == 2 and r["cpu"] and r["torch"]
+               for r in recs.values())
+    assert recs["single"]["cpu_overhead_ms"] == 0 and recs["single"]["ops_overhead"] == 0
+    # the gradient all-reduce and the engines' per-parameter work are counted; the plain engine's step is their floor
+    assert 0 < recs["ddp"]["ops_overhead"] < recs["zero2"]["ops_overhead"]
+    assert recs["zero2"]["param_tensors"] == recs["single"]["param_tensors"] == 24     # GPT-debug + Mirai-E heads

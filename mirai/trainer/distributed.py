@@ -8,8 +8,10 @@ argument the deepspeed launcher appends is accepted and ignored by the CLI (the 
 Backend (``train.backend``): ``deepspeed`` (ZeRO 0..3), ``ddp`` (torch DistributedDataParallel) or
 ``single`` (one process, no wrapper); ``auto`` = single for one process (ZeRO partitions nothing on
 one rank, and on one H100 DeepSpeed's per-parameter step bookkeeping made a GPT-B step 2.2x slower
-than the plain engine), else deepspeed when importable, else ddp. Without CUDA, DeepSpeed runs with ``DS_ACCELERATOR=cpu``
-(set here before deepspeed is imported) and every process group uses gloo.
+than the plain engine), else what the run's planner chose (``mirai.trainer.memory.choose_engine``: DDP
+when a full replica fits, else the lowest ZeRO stage that does; without a planner, DDP), with DDP in
+place of DeepSpeed when deepspeed cannot be imported. Without CUDA, DeepSpeed runs with
+``DS_ACCELERATOR=cpu`` (set here before deepspeed is imported) and every process group uses gloo.
 (Sharded fp32 masters and their reassembly: ``mirai.trainer.shards``.)
 
 Timeouts: every process group gets ``train.collective_timeout_s`` (``setup(timeout_s=...)``; torch's
@@ -39,6 +41,8 @@ class Runtime:
     local_rank: int
     device: torch.device
     backend: str            # "deepspeed" | "ddp" | "single"
+    zero_stage: int | None = None   # the ZeRO stage DeepSpeed runs at (None for ddp / single)
+    engine_note: str = ""   # the planner's line: what was chosen, why, and the memory estimate
 
     @property
     def is_main(self) -> bool:
@@ -88,33 +92,48 @@ def deepspeed_importable(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def resolve_backend(requested: str, device: torch.device, world_size: int) -> str:
+def resolve_backend(requested: str, device: torch.device, world_size: int, chosen: str | None = None) -> str:
+    """The backend to run: `requested` (train.backend), where "auto" takes `chosen` (the planner's pick;
+    None: ddp) on more than one rank."""
     if requested == "auto" and world_size == 1:
         return "single"
-    if requested in ("auto", "deepspeed"):
-        ok, why = deepspeed_importable(device)
-        if ok:
-            return "deepspeed"
+    if requested == "auto":
+        requested = chosen or "ddp"
         if requested == "deepspeed":
+            ok, why = deepspeed_importable(device)
+            if not ok:
+                print(f"mirai train: deepspeed not importable ({why}); using torch DDP (train.backend=ddp), "
+                      "ZeRO settings are ignored", flush=True)
+                return "ddp"
+    if requested == "deepspeed":
+        ok, why = deepspeed_importable(device)
+        if not ok:
             raise RuntimeError(f"train.backend: 'deepspeed' requested but deepspeed cannot be imported ({why}); "
                                "install it (pip install deepspeed) or set train.backend=ddp / single")
-        print(f"mirai train: deepspeed not importable ({why}); using torch DDP (train.backend=ddp), "
-              "ZeRO settings are ignored", flush=True)
-        return "ddp"
+        return "deepspeed"
     if requested == "single" and world_size > 1:
         raise RuntimeError(f"train.backend: 'single' with WORLD_SIZE={world_size}; use ddp or deepspeed "
                            "under a multi-process launcher")
     return requested
 
 
-def setup(requested_backend: str = "auto", requested_device: str = "auto", timeout_s: float = 1800.0) -> Runtime:
+def setup(requested_backend: str = "auto", requested_device: str = "auto", timeout_s: float = 1800.0,
+          planner=None) -> Runtime:
     """Read the launcher env, pick device and backend, create the process group if needed (collectives
-    fail after `timeout_s` seconds without an answer)."""
+    fail after `timeout_s` seconds without an answer).
+
+    ``planner(device, world_size, local_world_size)`` (optional) returns the engine choice of the run
+    (``mirai.trainer.memory.EngineChoice``: ``backend``, ``zero_stage``, ``line()``)."""
     rank, world, local = launcher_env()
     device = pick_device(requested_device, local)
-    backend = resolve_backend(requested_backend, device, world)
+    # ranks on this host (torchrun: LOCAL_WORLD_SIZE, the deepspeed launcher: LOCAL_SIZE): they share its memory
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    choice = planner(device, world, local_world) if planner is not None else None
+    backend = resolve_backend(requested_backend, device, world, chosen=choice.backend if choice else None)
+    stage = choice.zero_stage if choice is not None and backend == "deepspeed" else None
+    note = "" if choice is None else choice.line() + ("" if backend == choice.backend else f" -> {backend}")
     if backend == "single":
-        return Runtime(rank, world, local, device, backend)
+        return Runtime(rank, world, local, device, backend, stage, note)
     if not (dist.is_available() and dist.is_initialized()):
         # one process without a launcher: make a one-member group on a free local port
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -133,7 +152,7 @@ def setup(requested_backend: str = "auto", requested_device: str = "auto", timeo
                                        timeout=timedelta(seconds=timeout_s))
         else:
             dist.init_process_group(pg_backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    return Runtime(rank, world, local, device, backend)
+    return Runtime(rank, world, local, device, backend, stage, note)
 
 
 def cpu_group(timeout_s: float):

@@ -29,13 +29,14 @@ parameters with >= 2 dimensions (matrices, embeddings, stacked head weights), no
 DeepSpeed config (built from the dataclass, see ``deepspeed_config``): train_batch_size,
 train_micro_batch_size_per_gpu, gradient_accumulation_steps, gradient_clipping, bf16.enabled,
 zero_optimization.stage (+ overlap/bucket settings), zero_allow_untested_optimizer (a client
-torch optimizer under ZeRO), steps_per_print effectively off.
+torch optimizer under ZeRO), steps_per_print effectively off. Under ZeRO-1/2 the gradient norm and the
+clip are this module's (``DeepSpeedEngine``), not DeepSpeed's: see ``deepspeed_config``.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,6 +46,11 @@ import torch.nn as nn
 from mirai.checkpoint import CheckpointError, load_file, save_file
 from mirai.trainer.distributed import Runtime
 from mirai.trainer.shards import Shard
+
+DDP_BUCKET_MB = 500                  # DDP all-reduce bucket (torch's default: 25 MB); see PlainEngine
+ZERO_REDUCE_BUCKET = int(5e8)        # elements: ZeRO-1/2 gradient reduction bucket, ZeRO all-gather bucket
+ZERO3_PREFETCH_BUCKET = int(5e7)     # elements: ZeRO-3 parameter prefetch
+ZERO3_PERSISTENCE = int(1e5)         # elements: ZeRO-3 keeps smaller parameters whole on every rank
 
 
 # --------------------------------------------------------------------------- the trained module
@@ -216,7 +222,13 @@ class PlainEngine(Engine):
         if runtime.backend == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.wrapped = DDP(module, device_ids=ids)
+            # The module's buffers (RoPE and neighbour tables) are constants, identical on every rank: no
+            # broadcast of them before each forward. The gradients are views of the all-reduce buckets: no copy
+            # back after the reduction and no second copy in memory. Buckets of DDP_BUCKET_MB instead of 25 MB:
+            # each costs a collective call and, under torch.compile, a graph split (dynamo cuts the compiled
+            # graph at DDP's bucket boundaries); 500 MB keeps GPT-B in one bucket and GPT-XXL in 12.
+            self.wrapped = DDP(module, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True,
+                               bucket_cap_mb=DDP_BUCKET_MB)
         self._micro = 0
         self._norm: torch.Tensor | None = None
         self._params = [p for p in module.parameters() if p.requires_grad]
@@ -320,11 +332,21 @@ class CheckpointIO:
 
 
 class DeepSpeedEngine(Engine):
-    """``deepspeed.initialize`` around the TrainModule with the client optimizer."""
+    """``deepspeed.initialize`` around the TrainModule with the client optimizer.
 
-    def __init__(self, module: TrainModule, optimizer, runtime: Runtime, ds_config: dict[str, Any]):
+    Under ZeRO-1/2 (``deepspeed_config`` turns DeepSpeed's norm off there) the gradient norm and the clip
+    are computed here at each accumulation boundary, between DeepSpeed's gradient reduction and its step:
+    one multi-tensor norm over this rank's reduced gradient partition, one all-reduce of its square, and one
+    multi-tensor scale by DeepSpeed's own factor ``1 / max(1, (norm + 1e-6) / clip)``, all on the device.
+    DeepSpeed's path instead casts each parameter's gradient slice to fp64 for its own norm."""
+
+    def __init__(self, module: TrainModule, optimizer, runtime: Runtime, ds_config: dict[str, Any],
+                 grad_clip: float = 0.0):
         import deepspeed
         self.zero3 = ds_config["zero_optimization"]["stage"] == 3
+        self.own_norm = ds_config["zero_optimization"].get("compute_grad_norm") is False
+        self.grad_clip = float(grad_clip)
+        self._norm: torch.Tensor | None = None
         engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                                     dist_init_required=False)
         super().__init__(module, optimizer, runtime, ds_config["gradient_accumulation_steps"])
@@ -350,7 +372,25 @@ class DeepSpeedEngine(Engine):
         self.ds.backward(loss)
 
     def step(self) -> None:
+        if self.own_norm and self.ds.is_gradient_accumulation_boundary():
+            self._norm = self._clip_partition()
         self.ds.step()
+
+    def _clip_partition(self) -> torch.Tensor:
+        """Global gradient norm from this rank's reduced partition (collective), and the clip applied to it."""
+        import torch.distributed as dist
+        opt = self.ds_optimizer
+        grads: list[torch.Tensor] = []
+        for i in sorted(opt.averaged_gradients):                # per parameter group: this rank's slices
+            group = opt.averaged_gradients[i]
+            flat = getattr(group, "flat_partition", None)       # (DeepSpeed's compact fp32 buffer, if it built one)
+            grads.extend([flat] if flat is not None else group)
+        sq = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
+        dist.all_reduce(sq, group=opt.dp_process_group)
+        norm = sq.sqrt()
+        if self.grad_clip > 0:
+            torch._foreach_mul_(grads, ((norm + 1e-6) / self.grad_clip).clamp(min=1.0).reciprocal())
+        return norm
 
     def set_lr(self, lr: float) -> None:
         super().set_lr(lr)                                     # the client optimizer's groups
@@ -361,6 +401,8 @@ class DeepSpeedEngine(Engine):
         return self.ds.get_global_grad_norm()
 
     def grad_norm(self) -> float | None:
+        if self.own_norm:
+            return None if self._norm is None else float(self._norm)
         norm = self.ds.get_global_grad_norm()
         if norm is None:
             return None
@@ -378,8 +420,9 @@ class DeepSpeedEngine(Engine):
         for path in sorted((folder / "engine").rglob("*.pt")):
             load_file(path, allowed=deepspeed_types(), mmap=True)
         try:
-            path, _ = self.ds.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+            with self._deepspeed_clip_off():
+                path, _ = self.ds.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001 - DeepSpeed raises many kinds; name the folder
@@ -387,6 +430,20 @@ class DeepSpeedEngine(Engine):
                                   f"({type(err).__name__}: {err})") from err
         if path is None:
             raise CheckpointError(f"{folder / 'engine'}: DeepSpeed found no checkpoint there")
+
+    @contextmanager
+    def _deepspeed_clip_off(self):
+        """Load under ZeRO-1/2 also what DeepSpeed wrote when it clipped itself (before the norm was this
+        engine's): its loader refuses a saved clip > 0 without its norm, then restores the saved clip."""
+        opt = self.ds_optimizer
+        if not self.own_norm:
+            yield
+            return
+        opt.compute_grad_norm = True
+        try:
+            yield
+        finally:
+            opt.compute_grad_norm, opt.clip_grad = False, 0.0
 
     def _fp32_lookup(self) -> dict[int, torch.Tensor]:
         """id(param) -> fp32 master copy for DeepSpeed's fp16/bf16 wrappers without _hp_mapping (ZeRO-0)."""
@@ -481,28 +538,40 @@ class DeepSpeedEngine(Engine):
         return pairs, shards
 
 
-def deepspeed_config(cfg, world_size: int, device: torch.device) -> dict[str, Any]:
-    """The DeepSpeed JSON config of a run, built from the dataclass."""
+def deepspeed_config(cfg, world_size: int, overlap: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a run, built from the dataclass (``cfg.train.zero_stage`` resolved).
+
+    ZeRO-1/2: ``compute_grad_norm`` off and ``gradient_clipping`` 0 (``DeepSpeedEngine`` computes the norm
+    and clips, without DeepSpeed's per-parameter fp64 norm and its host reads); ``contiguous_gradients`` off
+    (no per-parameter copy into a reduction bucket inside a Python gradient hook: ZeRO-1 then registers no
+    hook at all and reduces at the boundary; both stages all-reduce the same bytes either way, since
+    ``use_multi_rank_bucket_allreduce`` is DeepSpeed's default); ``overlap_comm`` only with `overlap`
+    (several CUDA ranks and gradients that arrive during the backward: DeepSpeed then synchronises the
+    device per bucket and at the end of the backward; under whole-model compile nothing can overlap).
+    """
     t = cfg.train
+    if t.zero_stage is None:
+        raise ValueError("train.zero_stage: None; DeepSpeed needs the stage resolved first "
+                         "(mirai.trainer.memory.choose_engine)")
     accum = t.global_batch // (t.micro_batch * world_size)
+    own_norm = t.zero_stage in (1, 2)
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage >= 1:
-        # overlap_comm runs reductions on a side stream but synchronises the whole device at the end of
-        # every backward (DeepSpeed's ipg epilogue), so the host stops queueing work; with one rank there is
-        # nothing to overlap (H100 profile: the GPU then idled while DeepSpeed's step ran on the host).
-        zero.update({"overlap_comm": device.type == "cuda" and world_size > 1, "contiguous_gradients": True,
-                     "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8),
+        zero.update({"overlap_comm": overlap, "contiguous_gradients": t.zero_stage == 3,
+                     "reduce_bucket_size": ZERO_REDUCE_BUCKET, "allgather_bucket_size": ZERO_REDUCE_BUCKET,
                      "reduce_scatter": True})
+    if own_norm:
+        zero["compute_grad_norm"] = False
     if t.zero_stage == 3:
         zero.pop("allgather_bucket_size")
         zero.update({"stage3_gather_16bit_weights_on_model_save": False,
-                     "stage3_param_persistence_threshold": int(1e5),
-                     "stage3_prefetch_bucket_size": int(5e7)})
+                     "stage3_param_persistence_threshold": ZERO3_PERSISTENCE,
+                     "stage3_prefetch_bucket_size": ZERO3_PREFETCH_BUCKET})
     return {
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": float(cfg.optim.grad_clip),
+        "gradient_clipping": 0.0 if own_norm else float(cfg.optim.grad_clip),
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": bool(t.check_grad_overflow)},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -538,6 +607,11 @@ def build_engine(module: TrainModule, cfg, runtime: Runtime, base_lr: float) -> 
             warnings.warn("optim.fuse_ema is ignored under DeepSpeed (its engine owns the optimizer step); the EMA "
                           "runs as its own pass", RuntimeWarning, stacklevel=2)
         optimizer = build_optimizer(module, cfg.optim, base_lr, runtime.device)
-        return DeepSpeedEngine(module, optimizer, runtime, deepspeed_config(cfg, runtime.world_size, runtime.device))
+        # DeepSpeed's overlap only pays when gradients arrive during the backward (not under whole-model compile)
+        overlap = (runtime.device.type == "cuda" and runtime.world_size > 1
+                   and not (cfg.train.compile and compile_scope(cfg, runtime) == "model"))
+        return DeepSpeedEngine(module, optimizer, runtime,
+                               deepspeed_config(cfg, runtime.world_size, overlap),
+                               grad_clip=cfg.optim.grad_clip)
     optimizer = build_optimizer(module, cfg.optim, base_lr, runtime.device, fuse_ema=cfg.optim.fuse_ema)
     return PlainEngine(module, optimizer, runtime, accum, cfg.optim.grad_clip, cfg.train.precision)
