@@ -398,12 +398,10 @@ class DeepSpeedEngine(Engine):
             group["lr"] = lr
 
     def grad_norm_held(self) -> torch.Tensor | float | None:
-        return self.ds.get_global_grad_norm()
+        return self._norm if self.own_norm else self.ds.get_global_grad_norm()
 
     def grad_norm(self) -> float | None:
-        if self.own_norm:
-            return None if self._norm is None else float(self._norm)
-        norm = self.ds.get_global_grad_norm()
+        norm = self.grad_norm_held()
         if norm is None:
             return None
         return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
