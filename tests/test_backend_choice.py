@@ -87,6 +87,17 @@ def test_model_sizes_match_the_built_modules():
     assert (sizes.dim, sizes.n_layer, sizes.head_out) == (64, 3, 64)
 
 
+def test_online_encoder_counts_as_teacher_weights(tmp_path):
+    """Mirai-I with the encoder run online holds its bf16 weights (DINOv2 ViT-B/14: 86.6M parameters);
+    with precomputed features there is no encoder."""
+    (tmp_path / "dinov2_vitb14.pth").touch()                   # counted on the meta device, never read
+    online = model_sizes(load_config(REPO / "configs" / "gpt-b_mirai_i.yaml",
+                                     ["foresight.use_precomputed_features=false", "data.features=false",
+                                      f"foresight.encoder.weights={tmp_path / 'dinov2_vitb14.pth'}"]))
+    assert 86e6 < online.teacher_params < 87.5e6
+    assert model_sizes(load_config(REPO / "configs" / "gpt-b_mirai_i.yaml")).teacher_params == 0
+
+
 def test_activation_checkpointing_shrinks_the_estimate():
     full = choose_engine(shipped("GPT-XXL"), 8, 80 * GB).estimate
     ckpt = choose_engine(shipped("GPT-XXL", "train.activation_checkpointing=true"), 8, 80 * GB).estimate

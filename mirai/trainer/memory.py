@@ -144,12 +144,15 @@ def model_sizes(cfg) -> ModelSizes:
 
 
 def _encoder_params(name: str) -> int:
-    """Parameters of a frozen online encoder (timm model on the meta device)."""
+    """Parameters of a frozen online encoder: a short name of ``ENCODERS`` or a timm model name (timm model on
+    the meta device); 0 for a name neither knows (building the encoder then fails, naming the field)."""
+    from mirai.foresight.encoders import ENCODERS, is_known_encoder
+    if not is_known_encoder(name):
+        return 0
     import timm
-
-    from mirai.foresight.encoders import ENCODERS
+    timm_name = ENCODERS[name].timm_name if name in ENCODERS else name
     with torch.device("meta"):
-        model = timm.create_model(ENCODERS[name].timm_name.split(".")[0], pretrained=False, num_classes=0)
+        model = timm.create_model(timm_name.split(".")[0], pretrained=False, num_classes=0)
     return sum(p.numel() for p in model.parameters())
 
 
