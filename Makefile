@@ -1,6 +1,6 @@
 # make install: .venv with torch and the package (building mirai._C: C++ kernels, plus the CUDA kernels when a GPU
 #               is visible or MIRAI_BUILD_CUDA=1; see setup.py)
-# make test:    install if needed, then pytest
+# make test:    install if needed, then pytest (one process per core, at most 4: TEST_WORKERS=N to change)
 # make demo:    install if needed, then the embedded demo (runs/demo/report.md)
 # make bench:   install if needed, then the EMA, foresight, optimizer, linear + CE, RoPE and training-step benchmarks (needs a CUDA GPU;
 #               results appended to benchmarks/results/*.jsonl)
@@ -10,6 +10,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mirai-installed
+# test processes: one per core, at most 4 (each loads torch; the two-rank tests start two more)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 
 .PHONY: install test demo bench clean
@@ -25,14 +27,14 @@ $(STAMP): $(SOURCES)
 	$(PY) setup.py -q build_ext --inplace 2>&1 | sed -u -E 's#^(\[[0-9]+/[0-9]+\]) .* -c ([^ ]+) -o .*#\1 compiling \2#'
 	@echo "[install 3/3] the package and its dev extra (DeepSpeed, timm, pytest, ...)"
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
-	$(PY) -c "import mirai._C, mirai; print('mirai._C built:', mirai._ext.describe())"
+	$(PY) -c "import mirai._ext as ext; print('mirai._C built:', ext.describe())"
 	touch $(STAMP)
 
 test: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 demo: install
-	$(PY) -m mirai.demo
+	$(PY) -m mirai demo
 
 bench: install
 	$(PY) benchmarks/bench_ema.py

@@ -6,7 +6,7 @@ throughput of candidate hash functions (CPU time, so other processes' load does 
 Per repeat, on a state dict of ``--mib`` MiB of fp32 tensors written into ``--dir``:
   torch.save                        torch.save(state, path) alone (the old writer)
   torch.save + fsync                the same made durable (fsync's write-back is charged to this process)
-  save_file                         mirai.checkpoint.save_file: torch.save through HashingWriter, fsync, rename
+  save_file                         mirai.io.torch_files.save_file: torch.save through HashingWriter, fsync, rename
   torch.save + fsync + file_digest  hashing after writing instead: SHA-256 of the file read back
   file_digest                       the verification pass alone (file in the page cache)
 and the in-memory throughput of sha256, sha1, blake2b, md5 and zlib.crc32 over the same bytes. Prints
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import append_jsonl, env_record, print_table  # noqa: E402
 
-from mirai.checkpoint import file_digest, save_file  # noqa: E402
+from mirai.io.torch_files import file_digest, save_file  # noqa: E402
 
 
 def fsync(path: Path) -> None:

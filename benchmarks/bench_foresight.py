@@ -1,4 +1,4 @@
-"""Benchmark of the fused foresight loss (issue 4): ``mirai.ops.foresight_loss`` against the
+"""Benchmark of the fused foresight loss: ``mirai.ops.foresight_loss`` against the
 plain reference (``foresight_loss_reference``: K head MLPs + gathered targets), eager and
 under ``torch.compile``.
 
@@ -39,7 +39,7 @@ from mirai.foresight.neighbours import neighbour_table  # noqa: E402
 from mirai.ops.foresight import fused_plan, foresight_loss, plan_bytes  # noqa: E402
 from mirai.ops.reference import foresight_loss_reference  # noqa: E402
 
-# Issue 4's shapes: batch x 256 tokens (16 x 16 grid), heads hidden 2048, 2D layout.
+# The design shapes: batch x 256 tokens (16 x 16 grid), heads hidden 2048, 2D layout.
 SHAPES = {
     "gptb-e-k3": dict(label="GPT-B Mirai-E K=3", batch=32, grid=16, d=768, c=768, k=3, hidden=2048, source="ema"),
     "gptb-e-k9": dict(label="GPT-B Mirai-E K=9", batch=32, grid=16, d=768, c=768, k=9, hidden=2048, source="ema"),

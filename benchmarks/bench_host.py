@@ -14,7 +14,7 @@ time, NCCL time and its overlap, and device synchronisations (a CPU has nothing 
 that drains a GPU's queue costs nothing here). The gloo all-reduce here is a real copy over loopback where
 NCCL would work on the GPU: it is small at width 64, but it is in the numbers.
 
-Each step is the trainer's: ``mirai.train.build_run`` builds the run from the shipped config (with the
+Each step is the trainer's: ``mirai.trainer.run.build_run`` builds the run from the shipped config (with the
 overrides above) and ``StepRunner.run`` executes it (learning rate, coefficients, teacher, engine
 forward / backward / step, EMA), as ``benchmarks/bench_step.py`` does. Variants (``--variants``):
 ``single`` (the one-process engine; each rank runs its own, no collectives, so both cores are as busy as in
@@ -85,7 +85,7 @@ def model_config(model: str, extra: list[str]):
     from mirai.config import load_config
     over = [*extra]
     if model == "GPT-debug":
-        over += ["foresight.mode=ema", "foresight.ema_decay=0.99"]
+        over += ["foresight.mode=ema"]
     return load_config(ROOT / "configs" / MODELS[model], over)
 
 
@@ -109,7 +109,7 @@ def scale_engine_thresholds(full: dict, scale: float) -> dict:
 
 def build(model: str, variant: str, store: Path, out: Path, args):
     """One run of the real trainer (``build_run``) and a function that runs its optimizer step s."""
-    from mirai.train import build_run
+    from mirai.trainer.run import build_run
     world = int(os.environ["WORLD_SIZE"])
     cfg = model_config(model, [
         *SMALL, f"data.codes={store}", f"out_dir={out}", f"train.micro_batch={args.micro}",
@@ -201,7 +201,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
     from mirai.trainer.distributed import setup
-    from mirai.trainer.synthetic import write_synthetic_store
+    from mirai.data.synthetic import write_synthetic_store
 
     torch.set_num_threads(1)
     F = torch.nn.functional

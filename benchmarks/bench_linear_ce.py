@@ -8,9 +8,9 @@ Two levels, each provider validated before it is timed:
              cast: about C * V * (2 + 4 + 8 + 4 + 2) bytes). GB/s counts the kernel's 3 passes for both, so the
              torch figure is what it would need to match, against the measured copy bandwidth.
   whole op   ``linear_cross_entropy`` forward + backward over N tokens (GEMMs included) with
-             ``backend="kernel"`` and ``backend="torch"``; ms and peak extra memory.
+             ``backend="fused"`` and ``backend="reference"``; ms and peak extra memory.
 Validation: the row pass against ``linear_ce.row_pass_reference`` (float64; loss rtol 1e-5, gradient
-within bf16 resolution of the largest entry), the whole op's loss and gradients against backend="torch".
+within bf16 resolution of the largest entry), the whole op's loss and gradients against backend="reference".
 
 Shapes: GPT-B (N = 32 x 256 tokens, D = 768) and GPT-XXL (N = 16 x 256, D = 1536), V = 16,384 codes,
 chunks of 2,048 rows (the op's default).
@@ -61,10 +61,10 @@ def whole_op_check(h, wt, tg) -> str:
         loss.backward()
         return loss.detach().double(), hh.grad.double(), ww.grad.double()
 
-    a, b = run("kernel"), run("torch")
+    a, b = run("fused"), run("reference")
     errs = [((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b)]
     if max(errs) > 2e-2:
-        raise SystemExit(f"bench_linear_ce: backend='kernel' disagrees with backend='torch' (rel errs {errs}); "
+        raise SystemExit(f"bench_linear_ce: backend='fused' disagrees with backend='reference' (rel errs {errs}); "
                          "not timed")
     return "loss/dh/dw rel diff " + "/".join(f"{e:.1e}" for e in errs)
 
@@ -109,8 +109,8 @@ def main(argv=None) -> None:
         print(f"[{name}] row pass: {row_pass_check(z, t, w)}")
         work = z.clone()
         pass_bytes = 3 * c * s["v"] * elem
-        for provider, fn in (("kernel", lambda: _ext.ext().ce_softmax_grad_(work.copy_(z), t, w, True)),
-                             ("torch", lambda: row_pass_torch(work.copy_(z), t, w))):
+        for provider, fn in (("fused", lambda: _ext.ext().ce_softmax_grad_(work.copy_(z), t, w, True)),
+                             ("reference", lambda: row_pass_torch(work.copy_(z), t, w))):
             copy_ms = time_fn(lambda: work.copy_(z), device, args.warmup, args.iters).median_ms
             ms = time_fn(fn, device, args.warmup, args.iters).median_ms - copy_ms   # the refill is not the op's
             rows.append(dict(shape=name, level="row pass", provider=provider, ms=ms,
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
         tg = torch.randint(0, s["v"], (s["n"],), generator=gen).to(device)
         print(f"[{name}] whole op: {whole_op_check(h, wt, tg)}")
         hh, ww = h.clone().requires_grad_(), wt.clone().requires_grad_()
-        for provider in ("kernel", "torch"):
+        for provider in ("fused", "reference"):
             def full(_b=provider):
                 hh.grad = ww.grad = None
                 linear_cross_entropy(hh, ww, tg, backend=_b).backward()

@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_jsonl, copy_bandwidth_gbs, env_record, print_table, time_fn  # noqa: E402
 
 import mirai._ext as _ext  # noqa: E402
-from mirai.ops.adamw import adamw_ema_step_  # noqa: E402
-from mirai.ops.ema import ema_update_  # noqa: E402
+from mirai.ops.adamw_ema_step import adamw_ema_step_  # noqa: E402
+from mirai.ops.ema_update import ema_update_  # noqa: E402
 from mirai.optim import AdamWEMA  # noqa: E402
 
 PROVIDERS = ["torch_fused+ema", "fused", "AdamWEMA"]

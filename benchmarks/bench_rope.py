@@ -1,4 +1,4 @@
-"""Benchmark of the 2D RoPE rotation under torch.compile: formulations of the same function (issue 10).
+"""Benchmark of the 2D RoPE rotation under torch.compile: formulations of the same function.
 
 The training step's profiles show Inductor's fused RoPE kernel (`triton_poi_fused__to_copy_add_cat_flip_mul_...`)
 well below memory bandwidth: about 76 µs per call on GPT-XXL where its bytes need about 17 µs. This script times

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import append_jsonl, env_record, print_table, time_fn  # noqa: E402
 
-from mirai.images import to_uint8  # noqa: E402
+from mirai.data.images import to_uint8  # noqa: E402
 from mirai.models.gpt import build_gpt  # noqa: E402
 from mirai.models.static_decode import StaticDecoder  # noqa: E402
 from mirai.models.vq import build_vq  # noqa: E402

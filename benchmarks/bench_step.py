@@ -1,9 +1,9 @@
-"""Training-step throughput (issue 10): the real Mirai step on synthetic codes, model x mode x micro-batch.
+"""Training-step throughput: the real Mirai step on synthetic codes, model x mode x micro-batch.
 
 What is timed is exactly what ``mirai train`` runs per optimizer step (``mirai.trainer.step.StepRunner``
-built by ``mirai.train.build_run`` from the shipped configs): host-to-device copy of the batch, the
+built by ``mirai.trainer.run.build_run`` from the shipped configs): host-to-device copy of the batch, the
 teacher (Mirai-E: EMA teacher forward in bf16 on the EMA weights; Mirai-I: precomputed features from
-the store, or ``mirai_i_online``: a DINOv2 ViT run on synthetic images), the DeepSpeed engine forward /
+the store, or ``encoder_online``: a DINOv2 ViT run on synthetic images), the DeepSpeed engine forward /
 backward / step (ZeRO-2 by default, bf16, the configs' dropout, AdamW, grad clip), the fused EMA
 update (which refreshes the teacher) and the device-side loss accumulation used for logging. One GPU,
 global batch = micro-batch (no accumulation). The data come from a temporary synthetic code store
@@ -13,21 +13,22 @@ training too). Mirai-E is measured with the foresight term on (after its warm-up
 Per point: ``--warmup`` untimed steps (torch.compile happens there), then ``--steps`` timed steps
 (CUDA events, median per step), images/s, peak memory, backbone TFLOP/s and MFU against the GPU's
 measured dense bf16 peak (H100: 777e12; ``--peak`` or MIRAI_PEAK_FLOPS to override), plus the same
-for the whole Mirai step's FLOPs (``mirai.flops``). JSON lines go to ``benchmarks/results/step.jsonl``
+for the whole Mirai step's FLOPs (``mirai.metrics.flops``). JSON lines go to ``benchmarks/results/step.jsonl``
 (GPU name, commit, settings, numbers), one line as soon as each point is measured. Each point runs
 in its own subprocess so engines and compile caches of one point never affect the next.
 ``--variant=FLAGS`` (repeatable) times each point again with extra flags, right after it in the same
-process tree, for an A/B on one machine (``--variant=--fuse-ema --variant='--ce-backend torch'``). Each
+process tree, for an A/B on one machine (``--variant=--fuse-ema --variant='--ce-backend reference'``). Each
 record also says which ``mirai._C`` kernels passed their device self-check and which ops fell back
 (``kernels``), so no number silently measures a fallback.
 ``--backend single`` times the plain single-process engine (``train.backend=auto`` on one GPU) instead of
 DeepSpeed; ``--compile-scope`` sets ``train.compile_scope``; ``--fuse-ema`` sets ``optim.fuse_ema`` (the
 AdamW step, clip and EMA in one pass; single-process engine); ``--ce-backend`` sets ``train.ce_backend``;
 ``--target-dtype`` sets ``foresight.target_dtype`` (the teacher's / encoder's weights and targets in fp32 or bf16):
-``--modes mirai_e --variant='--target-dtype bf16'`` times its cost.
+``--modes ema --variant='--target-dtype bf16'`` times its cost. Modes are ``foresight.mode`` values (none =
+the baseline, ema = Mirai-E, encoder = Mirai-I with precomputed features) plus ``encoder_online``.
 
-    python benchmarks/bench_step.py                                   # issue 10's grid on one GPU
-    python benchmarks/bench_step.py --models GPT-B --modes mirai_e --micro 32 --profile
+    python benchmarks/bench_step.py                                   # the whole grid on one GPU
+    python benchmarks/bench_step.py --models GPT-B --modes ema --micro 32 --profile
     python benchmarks/bench_step.py --device cpu                      # smoke test: GPT-debug on a CPU
 
 ``--profile`` records a few steps with the torch profiler, writes a Chrome trace to
@@ -53,7 +54,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import RESULTS_DIR, append_jsonl, env_record, print_table, time_fn  # noqa: E402
 
-MODES = ("baseline", "mirai_e", "mirai_i", "mirai_i_online")
+MODES = ("none", "ema", "encoder", "encoder_online")     # foresight.mode, plus the online encoder
+CONFIG_SUFFIX = {"none": "baseline", "ema": "mirai_e", "encoder": "mirai_i", "encoder_online": "mirai_i"}
 CONFIG_OF = {"GPT-B": "gpt-b", "GPT-L": "gpt-l", "GPT-XL": "gpt-xl", "GPT-XXL": "gpt-xxl"}
 DEFAULT_MICRO = {"GPT-B": 32, "GPT-L": 32, "GPT-XL": 32, "GPT-XXL": 16, "GPT-debug": 4}
 
@@ -61,9 +63,8 @@ DEFAULT_MICRO = {"GPT-B": 32, "GPT-L": 32, "GPT-XL": 32, "GPT-XXL": 16, "GPT-deb
 def point_config(model: str, mode: str, micro: int, store: Path, out: Path, args) -> "Config":  # noqa: F821
     """The shipped config of (model, mode) adapted to one GPU and the synthetic store."""
     from mirai.config import load_config
-    cfg_mode = "mirai_i" if mode == "mirai_i_online" else mode
     cpu = args.device == "cpu"
-    path = ROOT / "configs" / ("debug.yaml" if model == "GPT-debug" else f"{CONFIG_OF[model]}_{cfg_mode}.yaml")
+    path = ROOT / "configs" / ("debug.yaml" if model == "GPT-debug" else f"{CONFIG_OF[model]}_{CONFIG_SUFFIX[mode]}.yaml")
     over = [f"data.codes={store}", f"out_dir={out}", f"train.micro_batch={micro}", f"train.global_batch={micro}",
             f"train.zero_stage={args.zero}", f"train.backend={args.backend}",
             f"train.compile={str(args.compile).lower()}", f"train.compile_scope={args.compile_scope}",
@@ -74,17 +75,16 @@ def point_config(model: str, mode: str, micro: int, store: Path, out: Path, args
         over += [f"foresight.target_dtype={args.target_dtype}"]
     if model == "GPT-debug":
         over += ["train.precision=fp32" if cpu else "train.precision=bf16"]
-        if cfg_mode == "mirai_e":
-            over += ["foresight.mode=ema", "foresight.ema_decay=0.99"]
-        if mode == "mirai_i":
-            over += ["foresight.mode=encoder", "foresight.head_out=32", "foresight.use_precomputed_features=true",
-                     "data.features=true"]
-        if mode == "mirai_i_online":
+        if mode == "ema":
+            over += ["foresight.mode=ema"]
+        if mode == "encoder":
+            over += ["foresight.mode=encoder", "foresight.head_out=32", "foresight.use_precomputed_features=true"]
+        if mode == "encoder_online":
             over += ["foresight.mode=encoder"]
-    if cfg_mode == "mirai_e":
+    if mode == "ema":
         over += ["foresight.warmup_epochs=0"]                 # time the step with the foresight term on
-    if mode == "mirai_i_online":
-        over += ["foresight.use_precomputed_features=false", "data.features=false"]
+    if mode == "encoder_online":
+        over += ["foresight.use_precomputed_features=false"]
     return load_config(path, over)
 
 
@@ -104,29 +104,29 @@ def run_point(model: str, mode: str, micro: int, args) -> dict:
     """Build the run, read batches, warm up, time; returns one JSON record (called in a child process)."""
     from mirai import _ext
     from mirai.trainer.logging import flops_per_image, peak_flops
-    from mirai.trainer.synthetic import write_synthetic_store
-    from mirai.train import build_run
+    from mirai.data.synthetic import write_synthetic_store
+    from mirai.trainer.run import build_run
     from mirai.trainer.engine import compile_scope
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_step_"))
     debug = model == "GPT-debug"
     grid = 4 if debug else 16
     feat_dim = None
-    if mode == "mirai_i":
+    if mode == "encoder":
         feat_dim = 32 if debug else (768 if model == "GPT-B" else 1024)
     n_batches = 4                                             # distinct batches, cycled
     store = write_synthetic_store(tmp / "codes", num_images=micro * n_batches, grid_size=grid,
                                   vocab_size=64 if debug else 16384, num_classes=10 if debug else 1000,
                                   num_aug=1, features_dim=feat_dim)
     cfg = point_config(model, mode, micro, store, tmp / "run", args)
-    if mode == "mirai_i_online":
+    if mode == "encoder_online":
         cfg.foresight.encoder.weights = str(encoder_weights_file(cfg.foresight.encoder.name, tmp))
     run = build_run(cfg)                                      # no validate(): the online encoder mode
     device = run.engine.device
     run.loader.start(0)
     it = iter(run.loader)
     batches = [next(it) for _ in range(n_batches)]
-    if mode == "mirai_i_online":
+    if mode == "encoder_online":
         g = torch.Generator().manual_seed(0)
         for b in batches:                                     # the crops the codes were made from
             b["images"] = torch.randint(0, 256, (micro, 3, 256, 256), dtype=torch.uint8, generator=g)
@@ -151,7 +151,7 @@ def run_point(model: str, mode: str, micro: int, args) -> dict:
     timing = time_fn(one_step, device, warmup=0, iters=args.steps)
     cpu_ms = (time.process_time() - cpu0) * 1e3 / args.steps     # host CPU time: steadier than wall on a shared CPU
     img_s = micro / (timing.median_ms * 1e-3)
-    total, backbone = flops_per_image(run.gpt.config, run.fcfg if run.fcfg.enabled else None)
+    total, backbone = flops_per_image(run.source, run.gpt.config, run.fcfg)
     peak = peak_flops(args.peak, device)
     rec = {**env_record(device), "bench": "step", "model": model, "mode": mode, "micro_batch": micro,
            "backend": run.runtime.backend,
@@ -235,18 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None, help="comma list (default GPT-B,GPT-XXL; GPT-debug with --device cpu)")
-    p.add_argument("--modes", default="baseline,mirai_e,mirai_i", help=f"comma list of {','.join(MODES)}")
+    p.add_argument("--modes", default="none,ema,encoder", help=f"comma list of {','.join(MODES)}")
     p.add_argument("--micro", default=None, help="comma list of micro-batches (default per model: B 32, XXL 16)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--backend", choices=("deepspeed", "single"), default="deepspeed")
-    p.add_argument("--zero", type=int, default=2, help="ZeRO stage (one GPU: 2, as issue 10 asks)")
+    p.add_argument("--zero", type=int, default=2, help="ZeRO stage (one GPU: 2)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the blocks (default on for CUDA, off for CPU)")
     p.add_argument("--compile-scope", choices=("auto", "model", "blocks"), default="auto",
                    help="train.compile_scope: one graph for the whole forward, or one per block")
     p.add_argument("--fuse-ema", action=argparse.BooleanOptionalAction, default=False,
                    help="optim.fuse_ema: AdamW + clip + EMA in one pass (mirai.optim.AdamWEMA; --backend single)")
-    p.add_argument("--ce-backend", choices=("auto", "kernel", "torch"), default="auto",
+    p.add_argument("--ce-backend", choices=("auto", "fused", "reference"), default="auto",
                    help="train.ce_backend: the fused linear + CE's row pass (mirai._C kernel or PyTorch)")
     p.add_argument("--target-dtype", choices=("bf16", "fp32"), default=None,
                    help="foresight.target_dtype (default: the config's, fp32)")
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                         "a GPT-XXL point needs a few minutes")
     p.add_argument("--variant", action="append", default=[], metavar="FLAGS",
                    help="also time each point with these extra flags, right after the point as given (repeatable; "
-                        "e.g. --variant=--fuse-ema --variant='--ce-backend torch'): A/B on one machine, interleaved")
+                        "e.g. --variant=--fuse-ema --variant='--ce-backend reference'): A/B on one machine, interleaved")
     p.add_argument("--point", default=None, help=argparse.SUPPRESS)   # child: one JSON point
     args = p.parse_args(argv)
     cpu = args.device == "cpu"

@@ -4,7 +4,7 @@
 # Usage: bash benchmarks/gpu_check.sh [tests|bench|step|all]; FORESIGHT_ARGS and STEP_ARGS pass flags to
 # bench_foresight.py and bench_step.py (word-split: write a variant as --variant=--ce-backend=torch).
 #
-# What is still unmeasured (issues 4 and 10) fits three calls of at most 10 minutes on one machine:
+# What is still unmeasured (the fused foresight loss and the training step) fits three calls of at most 10 minutes on one machine:
 #   1. bash benchmarks/gpu_check.sh tests && FORESIGHT_ARGS="--plans auto,1x4096,3x8192,budget=90" \
 #      bash benchmarks/gpu_check.sh bench                                 (CUDA tests, then the kernel benchmarks)
 #   2. STEP_ARGS="--backend single --models GPT-B --modes baseline,mirai_e,mirai_i,mirai_i_online

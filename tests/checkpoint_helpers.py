@@ -27,7 +27,7 @@ def plant(path: Path, marker: Path) -> Path:
 def rehash(ckpt: Path, rel: str) -> Path:
     """Make meta.json record the current size and hash of ``ckpt / rel`` (a file replaced on purpose passes
     every integrity check, so what follows must catch it)."""
-    from mirai.checkpoint import file_digest
+    from mirai.io.torch_files import file_digest
     path = ckpt / rel
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["files"][rel] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}

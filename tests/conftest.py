@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny synthetic code store and the debug config pointed at it.
 
 ``code_store``  session-wide store written with ``mirai.data.format.write_code_store`` (through
-                ``mirai.trainer.synthetic``): 64 images, 2 augmentations, 4x4 tokens, 64 codes,
+                ``mirai.data.synthetic``): 64 images, 2 augmentations, 4x4 tokens, 64 codes,
                 10 classes, 32-channel bf16 "encoder features".
 ``debug_cfg``   a function ``debug_cfg(*overrides, out=None) -> Config``: configs/debug.yaml with the
                 store, a fresh out_dir under tmp_path, no progress bar / TensorBoard, then the overrides.
@@ -19,7 +19,7 @@ STORE = dict(num_images=64, grid_size=4, vocab_size=64, num_classes=10, num_aug=
 
 @pytest.fixture(scope="session")
 def code_store(tmp_path_factory) -> Path:
-    from mirai.trainer.synthetic import write_synthetic_store
+    from mirai.data.synthetic import write_synthetic_store
     return write_synthetic_store(tmp_path_factory.mktemp("codes") / "store", seed=0, **STORE)
 
 

@@ -1,4 +1,5 @@
-"""Tests of the fused AdamW + EMA step (mirai.ops.adamw.adamw_ema_step_) and AdamWEMA (mirai.optim).
+"""Tests of the fused AdamW + EMA step (mirai.ops.adamw_ema_step.adamw_ema_step_) and AdamWEMA
+(mirai.optim.adamw_ema).
 
 CPU tests run everywhere (extension kernel when built, the foreach fallback otherwise);
 ``cuda``-marked tests compare the CUDA kernel bit for bit with the CPU kernel.
@@ -18,8 +19,8 @@ import torch
 from torch import nn
 
 import mirai._ext as _ext
-from mirai.ops.adamw import adamw_ema_step_
-from mirai.ops.ema import ema_update_, ema_update_reference_
+from mirai.ops.adamw_ema_step import adamw_ema_step_
+from mirai.ops.ema_update import ema_update_, ema_update_reference_
 from mirai.optim import AdamWEMA
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"mirai._C not built: {_ext.load_error()}")
@@ -404,7 +405,7 @@ def test_bad_inputs_raise_with_clear_messages(ext_or_fallback):
 # ----------------------------------------------------------------------------------- self-check
 @needs_ext
 def test_self_check_accepts_the_kernel_and_catches_a_wrong_one(monkeypatch):
-    from mirai.ops import adamw as ops_adamw
+    from mirai.ops import adamw_ema_step as ops_adamw
     monkeypatch.setattr(_ext, "_SELF_CHECKS", {})
     real = _ext.ext()
 

@@ -92,7 +92,7 @@ def test_online_encoder_counts_as_teacher_weights(tmp_path):
     with precomputed features there is no encoder."""
     (tmp_path / "dinov2_vitb14.pth").touch()                   # counted on the meta device, never read
     online = model_sizes(load_config(REPO / "configs" / "gpt-b_mirai_i.yaml",
-                                     ["foresight.use_precomputed_features=false", "data.features=false",
+                                     ["foresight.use_precomputed_features=false",
                                       f"foresight.encoder.weights={tmp_path / 'dinov2_vitb14.pth'}"]))
     assert 86e6 < online.teacher_params < 87.5e6
     assert model_sizes(load_config(REPO / "configs" / "gpt-b_mirai_i.yaml")).teacher_params == 0
@@ -138,7 +138,7 @@ def test_block_activation_formula_matches_what_autograd_saves(precision, dropout
 
 
 def test_start_up_line_names_the_engine_and_the_estimate(debug_cfg, capsys):
-    from mirai.train import train
+    from mirai.trainer.run import train
     train(debug_cfg("train.max_steps=1"))
     out = capsys.readouterr()
     line = next(ln for ln in (out.out + out.err).splitlines() if ln.startswith("mirai train: "))
@@ -164,7 +164,7 @@ import json, sys
 from pathlib import Path
 import mirai.trainer.engine as engine
 from mirai.config import load_config
-from mirai.train import train
+from mirai.trainer.run import train
 store, out = sys.argv[1], Path(sys.argv[2])
 over = [f"data.codes={store}", f"out_dir={out}", "train.progress=false", "train.tensorboard=false", "train.log_every=1",
         "train.backend=deepspeed", "train.zero_stage=2", "train.max_steps=4", "train.ckpt_every=2"]
@@ -196,3 +196,11 @@ def test_zero2_resumes_a_checkpoint_written_while_deepspeed_clipped(code_store, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     norms = __import__("json").loads(proc.stdout.split("RESUMED ", 1)[1].splitlines()[0])
     assert len(norms) == 2 and all(n is not None and n > 0 for n in norms)          # steps 3 and 4, own norm
+
+
+def test_the_estimate_of_a_small_model_is_shown_in_megabytes():
+    from mirai.trainer.memory import GB, Estimate
+    small = Estimate("plain", {"states": 3.2e6, "activations": 1.1e6})
+    assert small.describe() == f"{4.3e6 / (GB / 1024):.1f} MB (states {3.2e6 / (GB / 1024):.1f}, " \
+                               f"activations {1.1e6 / (GB / 1024):.1f})"
+    assert Estimate("plain", {"states": 8.5 * GB, "ema": 0.01 * GB}).describe() == "8.5 GB (states 8.5)"

@@ -11,12 +11,12 @@ import torch
 
 from mirai.config import ConfigError, validate
 from mirai.data.format import CodeStore, CodeStoreError
-from mirai.trainer.data import epoch_order
-from mirai.trainer.synthetic import write_synthetic_store
+from mirai.data.loader import epoch_order
+from mirai.data.synthetic import write_synthetic_store
 
 from conftest import DEBUG_YAML, STORE, debug_overrides
 
-MIRAI_I = ["foresight.mode=encoder", "foresight.use_precomputed_features=true", "data.features=true",
+MIRAI_I = ["foresight.mode=encoder", "foresight.use_precomputed_features=true",
            "foresight.head_out=32"]
 
 
@@ -34,7 +34,7 @@ def _edit(path: Path, fn) -> None:
 
 
 def _main(store: Path, out: Path, *extra: str) -> int:
-    from mirai.train import main
+    from mirai.commands.train import main
     return main(["--config", str(DEBUG_YAML), "--set", *debug_overrides(store, out), *extra])
 
 
@@ -95,7 +95,7 @@ def test_non_finite_features_are_refused_before_the_step(store, tmp_path, capsys
     assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text()   # no step ran
     assert not (out / "checkpoints").exists()
     # `mirai train --check` scans every stored feature, without training
-    from mirai.train import main
+    from mirai.commands.train import main
     rc = main(["--config", str(DEBUG_YAML), "--check", "--set", *debug_overrides(store, out), *MIRAI_I])
     assert rc == 2 and f"non-finite value {value} at index [{image}, 0, 3, 7]" in capsys.readouterr().err
 

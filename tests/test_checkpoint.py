@@ -11,7 +11,7 @@ import torch
 from mirai.checkpoint import CheckpointError, load_gpt, read_latest, verify
 
 DEBUG_YAML = Path(__file__).resolve().parent.parent / "configs" / "debug.yaml"
-MIRAI_E = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0", "foresight.ema_decay=0.9",
+MIRAI_E = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0",
            "ema.decay=0.9", "train.max_steps=3", "train.ckpt_every=3"]
 
 
@@ -23,7 +23,7 @@ def _cfg(store: Path, out: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def run_dir(code_store, tmp_path_factory) -> Path:
-    from mirai.train import train
+    from mirai.trainer.run import train
     out = tmp_path_factory.mktemp("ckpt") / "run"
     train(_cfg(code_store, out, *MIRAI_E))
     return out
@@ -37,7 +37,7 @@ def run_copy(run_dir, tmp_path) -> Path:
 
 
 def test_export_loads_into_a_fresh_gpt_strictly(run_dir, tmp_path):
-    from mirai.export import main as export_main
+    from mirai.commands.export import main as export_main
     from mirai.models.gpt import build_gpt
     out = tmp_path / "exported.pt"
     assert export_main(["--run", str(run_dir), "--out", str(out)]) == 0
@@ -83,7 +83,7 @@ def test_truncated_export_and_bad_latest_are_named(run_dir, run_copy, tmp_path):
 
 
 def test_mismatched_resume_names_the_field(code_store, run_copy):
-    from mirai.train import train
+    from mirai.trainer.run import train
     with pytest.raises(CheckpointError, match=r"meta\.json: checkpoint does not match this run: heads\.k"):
         train(_cfg(code_store, run_copy, *MIRAI_E, "foresight.k=2"))
     with pytest.raises(CheckpointError, match=r"model_config\.dim: checkpoint 64, run 32"):

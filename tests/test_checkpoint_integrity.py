@@ -15,11 +15,12 @@ import pytest
 import torch
 from checkpoint_helpers import flip, rehash, tokenizer_file
 
-from mirai.checkpoint import CheckpointError, load_file, load_gpt, read_latest, verify
+from mirai.checkpoint import CheckpointError, load_gpt, read_latest, verify
+from mirai.io.torch_files import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 DEBUG_YAML = REPO / "configs" / "debug.yaml"
-MIRAI_E = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0", "foresight.ema_decay=0.9",
+MIRAI_E = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0",
            "ema.decay=0.9", "train.ckpt_every=2", "train.keep_last=5"]
 
 
@@ -30,7 +31,7 @@ def _cfg(store: Path, out: Path, *extra: str):
 
 
 def _train(store: Path, out: Path, *extra: str):
-    from mirai.train import train
+    from mirai.trainer.run import train
     return train(_cfg(store, out, *extra))
 
 
@@ -53,7 +54,7 @@ def ckpt(run: Path, step: int) -> Path:
 
 
 def test_every_file_is_recorded_with_its_hash_finite_flags_and_step(run_dir):
-    from mirai.checkpoint import file_digest
+    from mirai.io.torch_files import file_digest
     c = read_latest(run_dir)
     meta = verify(c, content=True)
     assert meta["format"] == "mirai-train-ckpt-v2" and meta["finite"] == {"model": True, "ema": True}
@@ -65,8 +66,8 @@ def test_every_file_is_recorded_with_its_hash_finite_flags_and_step(run_dir):
 
 
 def test_a_16_byte_flip_is_refused_by_export_sample_and_load_gpt(run, tmp_path, capsys):
-    from mirai.export import main as export_main
-    from mirai.sample import main as sample_main
+    from mirai.commands.export import main as export_main
+    from mirai.commands.sample import main as sample_main
     model = ckpt(run, 4) / "model.pt"
     flip(model)
     verify(ckpt(run, 4))                                        # same size: the size check cannot see it
@@ -134,7 +135,7 @@ def test_the_step_is_cross_checked(code_store, run, tmp_path):
 
 
 def test_resume_refuses_a_changed_layout_ema_or_code_store(code_store, run, tmp_path):
-    from mirai.trainer.synthetic import write_synthetic_store
+    from mirai.data.synthetic import write_synthetic_store
     with pytest.raises(CheckpointError, match=r"heads\.layout: checkpoint '2d', run '1d'"):
         _train(code_store, run, "train.max_steps=6", "foresight.layout=1d")
     with pytest.raises(CheckpointError, match=r"ema\.enabled: checkpoint True, run False"):
@@ -151,9 +152,9 @@ def test_resume_refuses_a_changed_layout_ema_or_code_store(code_store, run, tmp_
 def test_nonfinite_weights_are_flagged_kept_from_pruning_and_refused(code_store, tmp_path, monkeypatch, capsys):
     """Saves 3, 4 and 5 see NaN weights (as after a divergence): with keep_last=2 the newest finite checkpoint
     (step 2) survives pruning, and export / sample / load_gpt refuse the NaN ones naming file and tensor."""
-    from mirai.export import main as export_main
+    from mirai.commands.export import main as export_main
     from mirai.trainer.engine import PlainEngine
-    from mirai.trainer.shadow import EMAState
+    from mirai.trainer.ema_state import EMAState
     saves = {"model": 0, "ema": 0}
 
     def poisoned(which, real):
@@ -181,7 +182,7 @@ def test_nonfinite_weights_are_flagged_kept_from_pruning_and_refused(code_store,
         load_gpt(run)
     with pytest.raises(CheckpointError, match=r"step_00000005 \(model\): tensor tok_embeddings\.weight"):
         load_gpt(ckpt(run, 5), use_ema=False)
-    from mirai.sample import main as sample_main
+    from mirai.commands.sample import main as sample_main
     tok = tokenizer_file(tmp_path)
     rc = sample_main(["--ckpt", str(run), "--tokenizer", str(tok), "--num", "1", "--no-png", "--no-progress",
                       "--out", str(tmp_path / "s")])
@@ -192,7 +193,7 @@ def test_nonfinite_weights_are_flagged_kept_from_pruning_and_refused(code_store,
 def test_disk_full_during_a_save_leaves_the_previous_checkpoint_and_the_command_reruns(code_store, tmp_path,
                                                                                        monkeypatch):
     """ENOSPC while ema.pt of step 4 is written (faked: part of the bytes go out, then the write fails)."""
-    from mirai.checkpoint import DiskFullError
+    from mirai.io.torch_files import DiskFullError
     out = tmp_path / "full"
     args = ("train.max_steps=4", "train.ckpt_every=1", "train.keep_last=2")
     real_save = torch.save
@@ -237,7 +238,7 @@ def test_two_ranks_fall_back_to_the_same_checkpoint(code_store, tmp_path):
     def launch(*extra: str) -> subprocess.CompletedProcess:
         from mirai.trainer.distributed import free_port
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "-m", "mirai.train", "--config", str(DEBUG_YAML),
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "mirai", "train", "--config", str(DEBUG_YAML),
                "--set", *args, *extra]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-4000:]

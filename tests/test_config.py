@@ -39,13 +39,13 @@ def test_base_inheritance_and_recipe():
     assert cfg.train.zero_stage is None and cfg.train.micro_batch == 16 and cfg.train.global_batch == 256
     assert load_config(REPO / "configs" / "gpt-xl_baseline.yaml").optim.schedule == "cosine"
     i = load_config(REPO / "configs" / "gpt-l_mirai_i.yaml")
-    assert (i.foresight.k, i.foresight.encoder.name, i.data.features) == (1, "dinov2_vitl14", True)
+    assert (i.foresight.k, i.foresight.encoder.name, i.foresight.reads_features) == (1, "dinov2_vitl14", True)
     assert load_config(REPO / "configs" / "gpt-b_mirai_i_384.yaml").model.grid_size == 24
 
 
 def test_llamagen_s_is_half_of_gpt_b():
     from mirai.config import model_gpt_config
-    from mirai.flops import total_params
+    from mirai.metrics.flops import total_params
     s = total_params(model_gpt_config(load_config(REPO / "configs" / "gpt-s_baseline.yaml").model))
     b = total_params(model_gpt_config(load_config(REPO / "configs" / "gpt-b_baseline.yaml").model))
     assert b == 110_888_448 and s == 58_196_992      # the count stated in the config's comment
@@ -91,7 +91,6 @@ def test_parse_errors_name_the_field(override, field, words):
     (["train.micro_batch=48"], 8, "train.micro_batch"),
     (["train.micro_batch=32"], 3, "train.micro_batch"),
     (["model.name=GPT-Q"], 8, "model.name"),
-    (["foresight.mode=ema", "foresight.ema_decay=0.999"], 8, "foresight.ema_decay"),
     (["foresight.mode=encoder", f"foresight.encoder.weights={REPO / 'configs'}"], 8,
      "foresight.use_precomputed_features"),                  # online encoder: no images in a code store
     (["ema.decay=1.0"], 8, "ema.decay"),
@@ -104,20 +103,31 @@ def test_semantic_errors_name_the_field(overrides, world, field):
     assert msg.startswith(field + ":"), msg
 
 
+@pytest.mark.parametrize("key, field", [("foresight.ema_decay", "ema.decay"),
+                                        ("data.features", "foresight.use_precomputed_features")])
+def test_a_removed_setting_names_the_one_that_holds_it(tmp_path, key, field):
+    """Each setting lives in one field; the old spelling (in a file or --set) is refused naming the new one."""
+    with pytest.raises(ConfigError, match=rf"^{key}: removed: .*{field}"):
+        load_config(REPO / "configs" / "gpt-b_baseline.yaml", [f"{key}=true" if "features" in key else f"{key}=0.9"])
+    section, name = key.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"base: {REPO / 'configs' / 'gpt-b_baseline.yaml'}\n{section}:\n  {name}: true\n")
+    with pytest.raises(ConfigError, match=rf"^{key}: removed: .*{field}"):
+        load_config(path)
+
+
 def test_data_errors_name_the_field(debug_cfg, tmp_path):
     assert _error(validate, debug_cfg("data.codes=" + str(tmp_path / "nowhere"))).startswith("data.codes:")
     assert _error(validate, debug_cfg("data.codes=")).startswith("data.codes:")
     assert _error(validate, debug_cfg("model.image_size=128")).startswith("model.image_size:")   # 8x8 vs 4x4 store
     assert _error(validate, debug_cfg("model.vocab_size=32")).startswith("model.vocab_size:")
-    msg = _error(validate, debug_cfg("foresight.mode=encoder", "foresight.use_precomputed_features=true",
-                                     "data.features=true"))
+    msg = _error(validate, debug_cfg("foresight.mode=encoder", "foresight.use_precomputed_features=true"))
     assert msg.startswith("foresight.head_out:") and "32" in msg                            # 768 vs the store's 32
-    validate(debug_cfg("foresight.mode=encoder", "foresight.use_precomputed_features=true",
-                       "data.features=true", "foresight.head_out=32"))
+    validate(debug_cfg("foresight.mode=encoder", "foresight.use_precomputed_features=true", "foresight.head_out=32"))
 
 
 def test_cli_refuses_bad_config_before_any_work(debug_cfg, tmp_path, capsys):
-    from mirai.train import main
+    from mirai.commands.train import main
     out = tmp_path / "never"
     rc = main(["--config", str(REPO / "configs" / "debug.yaml"), "--set", f"out_dir={out}",
                "foresight.mode=ema", "foresight.layer=3"])
@@ -169,3 +179,30 @@ def test_nested_yaml_errors_keep_the_dots(tmp_path):
     assert _error(load_config, path).startswith("foresight.encoder.nme: unknown key")
     path.write_text("train:\n  micro_batch: lots\n")
     assert _error(load_config, path).startswith("train.micro_batch: expected int")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.token_dropout_p=1.5", "model.token_dropout_p"), ("model.n_head=0", "model.n_head"),
+    ("model.dim=100", "model.dim"), ("model.vocab_size=1", "model.vocab_size"),
+    ("model.num_classes=0", "model.num_classes"), ("model.cls_token_num=2", "model.cls_token_num"),
+    ("model.name=PAR-B model.attn_backend=flash_attn", "model.attn_backend"),
+    ("model.name=PAR-B model.num_regions=9", "model.num_regions"),
+])
+def test_the_model_configs_own_checks_name_the_model_field(override, field):
+    """One set of model checks (GPTConfig's), reported against the config field that set the value."""
+    cfg = load_config(REPO / "configs" / "gpt-b_baseline.yaml", override.split())
+    msg = _error(validate, cfg, world_size=1, check_data=False)
+    assert msg.startswith(field + ":"), msg
+
+
+def test_the_model_section_is_the_model_configs_fields():
+    """ModelConfig holds GPTConfig / PARConfig fields under their names and defaults (plus the image geometry)."""
+    import dataclasses
+    from mirai.config.sections import ModelConfig
+    from mirai.models.par import PARConfig
+    model = {f.name: f.default for f in dataclasses.fields(PARConfig)}
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in ("name", "image_size", "downsample"):
+            continue
+        assert f.name in model, f"model.{f.name} is no model-config field"
+        assert f.default is None or f.default == model[f.name], f"model.{f.name}: default differs from the model's"

@@ -3,7 +3,7 @@ AdamW + EMA optimizer) match a single process; DeepSpeed resume.
 
 One launch runs every distributed job (the process group and the deepspeed import are shared):
 this file is also the worker script (``python -m torch.distributed.run ... tests/test_distributed.py
---worker jobs.json``), each job being one ``mirai.train.train`` call. The test process then runs the
+--worker jobs.json``), each job being one ``mirai.trainer.run.train`` call. The test process then runs the
 same configs as a single plain-PyTorch process and compares per-step losses and the consolidated
 fp32 weights, heads and EMA written to the checkpoints.
 """
@@ -27,14 +27,14 @@ COMPARE = ["model.token_dropout_p=0", "model.resid_dropout_p=0", "model.ffn_drop
            "model.class_dropout_prob=0", "train.max_steps=2", "train.log_every=1", "train.ckpt_every=2",
            "ema.decay=0.9", "optim.warmup_steps=2"]   # lr changes per step: set_lr reaches every engine
 MODES = {
-    "baseline": [],
-    "mirai_e": ["foresight.mode=ema", "foresight.warmup_epochs=0", "foresight.ema_decay=0.9"],
-    "mirai_i": ["foresight.mode=encoder", "foresight.use_precomputed_features=true", "data.features=true",
+    "none": [],
+    "ema": ["foresight.mode=ema", "foresight.warmup_epochs=0"],
+    "encoder": ["foresight.mode=encoder", "foresight.use_precomputed_features=true",
                 "foresight.head_out=32"],
 }
 STAGES = (0, 1, 2, 3)
 # resume under DeepSpeed (dropout on): 4 steps straight vs 2 + 2
-RESUME = ["foresight.mode=ema", "foresight.warmup_epochs=0", "foresight.ema_decay=0.9", "ema.decay=0.9",
+RESUME = ["foresight.mode=ema", "foresight.warmup_epochs=0", "ema.decay=0.9",
           "train.max_steps=4", "train.log_every=1", "train.ckpt_every=2"]
 
 
@@ -50,8 +50,8 @@ def _jobs(store: Path, root: Path) -> list[list[str]]:
                                                                       f"train.zero_stage={stage}", *COMPARE, *extra]))
     for mode, extra in MODES.items():
         jobs.append(_overrides(store, root / f"ddp_{mode}", ["train.backend=ddp", *COMPARE, *extra]))
-    jobs.append(_overrides(store, root / "ddp_fused_mirai_e", ["train.backend=ddp", "optim.fuse_ema=true", *COMPARE,
-                                                               *MODES["mirai_e"]]))
+    jobs.append(_overrides(store, root / "ddp_fused_ema", ["train.backend=ddp", "optim.fuse_ema=true", *COMPARE,
+                                                               *MODES["ema"]]))
     for stage in (2, 3):
         common = ["train.backend=deepspeed", f"train.zero_stage={stage}", *RESUME]
         jobs.append(_overrides(store, root / f"resume{stage}_straight", common))
@@ -71,7 +71,8 @@ def _metrics(run: Path) -> dict[int, dict]:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    from mirai.checkpoint import load_file, read_latest
+    from mirai.checkpoint import read_latest
+    from mirai.io.torch_files import load_file
     ckpt = read_latest(run)
     model = load_file(ckpt / "model.pt")
     out = {f"model.{k}": v for k, v in model["model"].items()}
@@ -101,14 +102,14 @@ def test_zero_stages_and_ddp_match_single_process(launched, code_store, tmp_path
     """Every 2-rank run of a mode (DeepSpeed ZeRO-0..3; the plain engine under DDP, for Mirai-E also with
     optim.fuse_ema) gives the single process's losses, gradient norms and weights."""
     from mirai.config import load_config
-    from mirai.train import train
+    from mirai.trainer.run import train
     ref_dir = tmp_path / f"single_{mode}"
     train(load_config(DEBUG_YAML, _overrides(code_store, ref_dir, ["train.backend=single", *COMPARE, *MODES[mode]])))
     ref_m, ref_w = _metrics(ref_dir), _weights(ref_dir)
     assert ref_w["model.output.weight"].abs().max() > 0          # the step moved the zero-initialised output
     runs = [(f"z{stage}_{mode}", f"ZeRO-{stage}") for stage in STAGES] + [(f"ddp_{mode}", "DDP")]
-    if mode == "mirai_e":
-        runs.append(("ddp_fused_mirai_e", "DDP + fuse_ema"))
+    if mode == "ema":
+        runs.append(("ddp_fused_ema", "DDP + fuse_ema"))
     for folder, label in runs:
         m, w = _metrics(launched / folder), _weights(launched / folder)
         for step in (1, 2):
@@ -140,8 +141,9 @@ def test_resume_under_deepspeed(launched, stage):
 
 def _worker(job_file: str) -> None:
     from mirai.config import load_config, validate
-    from mirai.train import train
-    from mirai.trainer.distributed import launcher_env, teardown
+    from mirai.trainer.run import train
+    from mirai.launcher import launcher_env
+    from mirai.trainer.distributed import teardown
     for overrides in json.loads(Path(job_file).read_text()):
         cfg = load_config(DEBUG_YAML, overrides)
         validate(cfg, world_size=launcher_env()[1])

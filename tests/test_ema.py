@@ -1,4 +1,4 @@
-"""Tests of the fused EMA op (mirai.ops.ema.ema_update_) and ModelEMA (mirai.ema).
+"""Tests of the fused EMA op (mirai.ops.ema_update.ema_update_) and ModelEMA (mirai.optim.model_ema).
 
 CPU tests run in CI (extension kernel when built, the foreach fallback otherwise);
 ``cuda``-marked tests check the CUDA kernel bit for bit against PyTorch's CUDA ops.
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import mirai._ext as _ext
-from mirai.ema import ModelEMA
-from mirai.ops.ema import ema_update_, ema_update_reference_
+from mirai.optim.model_ema import ModelEMA
+from mirai.ops.ema_update import ema_update_, ema_update_reference_
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"mirai._C not built: {_ext.load_error()}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -277,7 +277,7 @@ def test_attach_teacher_with_prefix_map_is_written_in_the_update():
 
 
 def test_model_ema_shards_named_pairs():
-    # ZeRO-3 style: each rank passes (name, flat local shard); shadows take the shard shapes.
+    # partitioned masters: each rank passes (name, flat local shard); shadows take the shard shapes.
     model = _Tiny()
     shards = [(n, p.detach().reshape(-1)[: max(1, p.numel() // 2)].clone()) for n, p in model.named_parameters()]
     ema = ModelEMA(shards, decay=0.8)
@@ -285,7 +285,7 @@ def test_model_ema_shards_named_pairs():
     ema.update(new)
     for (n, s), (_, s1) in zip(shards, new):
         assert _same(ema.shadow[n], s.float().mul_(0.8).add_(s1, alpha=1 - 0.8)), n
-    with pytest.raises(ValueError, match="ZeRO-3"):
+    with pytest.raises(ValueError, match="shard-shaped"):
         ema.attach_teacher(_Tiny().to(torch.bfloat16))
     with pytest.raises(KeyError, match="parameter 'emb.weight' has an EMA shadow but is missing"):
         ema.update(new[1:])

@@ -33,7 +33,7 @@ STEPS = 2
 JOBS = {0: "fp32", 1: "fp32", 2: "bf16", 3: "bf16"}
 COMMON = ["train.backend=deepspeed", "train.precision=bf16", "model.token_dropout_p=0", "model.resid_dropout_p=0",
           "model.ffn_dropout_p=0", "model.class_dropout_prob=0", f"ema.decay={DECAY}", "optim.warmup_steps=0",
-          "foresight.mode=ema", "foresight.warmup_epochs=0", f"foresight.ema_decay={DECAY}"]
+          "foresight.mode=ema", "foresight.warmup_epochs=0"]
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,9 @@ def test_ema_of_fp32_masters_equals_the_single_process_fp32_ema(recorded, stage)
 
 def _worker(job_file: str) -> None:
     from mirai.config import load_config, validate
-    from mirai.train import build_run
-    from mirai.trainer.distributed import launcher_env, teardown
+    from mirai.trainer.run import build_run
+    from mirai.launcher import launcher_env
+    from mirai.trainer.distributed import teardown
     for job in json.loads(Path(job_file).read_text()):
         cfg = load_config(DEBUG_YAML, job["overrides"])
         validate(cfg, world_size=launcher_env()[1])

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mirai.evaluate import EvalInputError, compute_metrics, iter_npz_images, main
+from mirai.commands.evaluate import main
+from mirai.io.npz import NpzError, iter_npz_images
+from mirai.metrics.evaluation import EvalInputError, compute_metrics
 from mirai.metrics import FIDStatistics, frechet_distance, inception_score, manifold_radii, precision_recall
 from mirai.metrics.inception import (ENV_VAR, WEIGHT_FILES, InceptionV3, InceptionWeightsMissing,
                                      find_inception_weights, resize_bilinear_tf1)
@@ -142,7 +144,7 @@ def test_npz_streaming_reader(tmp_path):
     assert [len(c) for c in chunks] == [3, 3, 1]
     assert np.array_equal(np.concatenate(chunks), arr)
     np.savez(tmp_path / "bad.npz", arr_0=arr.astype(np.float32))
-    with pytest.raises(EvalInputError, match="bad.npz.*uint8"):
+    with pytest.raises(NpzError, match="bad.npz.*uint8"):
         list(iter_npz_images(tmp_path / "bad.npz", 3))
 
 

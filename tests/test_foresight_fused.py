@@ -190,7 +190,7 @@ def test_self_check_accepts_the_kernels_and_catches_a_wrong_one(monkeypatch):
 
 
 def test_fused_plan_budget_and_fewest_iterations():
-    # issue 4's shapes (bf16): all heads at once within the default budget, as measured on the H100
+    # the design shapes (bf16): all heads at once within the default budget, as measured on the H100
     assert fs.fused_plan(8192, 3, 2048, 768, 768, 2) == (3, 4096)      # GPT-B Mirai-E
     assert fs.fused_plan(4096, 3, 2048, 1536, 1536, 2) == (3, 4096)    # GPT-XXL Mirai-E, one chunk
     assert fs.fused_plan(8192, 1, 2048, 768, 768, 2) == (1, 8192)      # GPT-B Mirai-I

@@ -1,5 +1,5 @@
 """Reference foresight path: heads, cosine loss vs a direct loop, objective, ablation switches,
-gradients into heads and the first l layers only, sampling unaffected by heads (issue 3 checks)."""
+gradients into heads and the first l layers only, sampling unaffected by heads."""
 import dataclasses
 import importlib.util
 import math
@@ -137,6 +137,13 @@ def test_cosine_loss_bad_shapes_raise():
         foresight_cosine_loss(s, torch.randn(1, 4, 5), torch.zeros(2, 4, dtype=torch.long))
 
 
+def head_alone(heads, j: int, h: torch.Tensor) -> torch.Tensor:
+    """MLP head j alone, written with plain per-head linear algebra: [B, T, D] -> [B, T, C]."""
+    x = F.silu(F.linear(h, heads.w1[j], heads.b1[j]))
+    x = F.silu(F.linear(x, heads.w2[j], heads.b2[j]))
+    return F.linear(x, heads.w3[j], heads.b3[j])
+
+
 def test_loss_reference_total_and_grad_vs_loop():
     torch.manual_seed(3)
     heads = ForesightHeads(12, 6, k=3, hidden=16).double()
@@ -145,7 +152,7 @@ def test_loss_reference_total_and_grad_vs_loop():
     table = neighbour_table(4, 3, "2d", "ema")
     coeffs = [2.0, 1.0, 0.5]
     total, per_head = foresight_loss_reference(h, heads, teacher, table, coeffs)
-    ref_per = loop_loss(torch.stack([heads.head_forward(j, h) for j in range(3)]), teacher, table)
+    ref_per = loop_loss(torch.stack([head_alone(heads, j, h) for j in range(3)]), teacher, table)
     torch.testing.assert_close(per_head.double(), ref_per, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(total.double(), sum(c * p for c, p in zip(coeffs, ref_per)), rtol=1e-5, atol=1e-6)
     total.backward()

@@ -13,7 +13,7 @@ from mirai.ops.linear_ce import (_linear_ce_op, linear_cross_entropy, linear_cro
 
 HAS_KERNEL = _ext.has_op("ce_softmax_grad_")
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason=f"mirai._C lacks ce_softmax_grad_ ({_ext.load_error()})")
-KERNEL = pytest.param("kernel", marks=needs_kernel)             # the backend="kernel" case of a parametrized test
+KERNEL = pytest.param("fused", marks=needs_kernel)              # the backend="fused" case of a parametrized test
 
 
 def problem(n: int = 37, d: int = 16, v: int = 50, dtype=torch.float64, seed: int = 0, ignore_every: int = 5):
@@ -35,7 +35,7 @@ def value_and_grads(fn, hidden, weight, targets):
     return loss.detach(), h.grad, w.grad
 
 
-@pytest.mark.parametrize("backend", [KERNEL, "torch"])
+@pytest.mark.parametrize("backend", [KERNEL, "reference"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_matches_cross_entropy_with_ignore_index_and_a_ragged_last_chunk(dtype, tol, backend):
     hidden, weight, targets = problem(dtype=dtype)                        # N = 37: chunks 8, 8, 8, 8, 5
@@ -55,7 +55,7 @@ def test_matches_cross_entropy_with_ignore_index_and_a_ragged_last_chunk(dtype, 
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("backend", [KERNEL, "torch"])
+@pytest.mark.parametrize("backend", [KERNEL, "reference"])
 def test_bf16_error_is_within_the_pytorch_bf16_error(backend):
     """Against an fp32 reference on the same bf16-rounded inputs: loss error <= 2x and gradient error
     <= 3x the error of PyTorch's own bf16 path (bf16 logits -> .float() -> cross_entropy)."""
@@ -127,7 +127,7 @@ def test_custom_op_registration_and_compiled_caller_without_graph_break():
     torch.library.opcheck(_linear_ce_op, (h, w, targets, -100, 8, True, True, HAS_KERNEL),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
-    for backend in ("auto", "kernel") if HAS_KERNEL else ("auto",):
+    for backend in ("auto", "fused") if HAS_KERNEL else ("auto",):
         def f(h, w, t, _b=backend):                                       # ops around the fused loss
             return 2.0 * linear_cross_entropy(torch.tanh(h), w, t, chunk_size=8, backend=_b)
 
@@ -227,12 +227,12 @@ def test_backend_choice_and_fallback(monkeypatch):
         linear_cross_entropy(hidden, weight, targets, backend="cuda")
     import mirai.ops.linear_ce as lce
     monkeypatch.setattr(lce, "_kernel_unavailable", lambda *a: "no kernel here")
-    with pytest.raises(RuntimeError, match="backend='kernel'.*no kernel here"):
-        linear_cross_entropy(hidden, weight, targets, backend="kernel")
+    with pytest.raises(RuntimeError, match="backend='fused'.*no kernel here"):
+        linear_cross_entropy(hidden, weight, targets, backend="fused")
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                    # CPU + auto: PyTorch, no warning
         got = linear_cross_entropy(hidden, weight, targets)
-    torch.testing.assert_close(got, linear_cross_entropy(hidden, weight, targets, backend="torch"))
+    torch.testing.assert_close(got, linear_cross_entropy(hidden, weight, targets, backend="reference"))
     if torch.cuda.is_available():
         with pytest.warns(RuntimeWarning, match="linear_cross_entropy falls back: no kernel here"):
             linear_cross_entropy(hidden.cuda(), weight.cuda(), targets.cuda())
@@ -271,7 +271,7 @@ def test_bf16_on_gpu_is_within_the_pytorch_bf16_error():
     ref = value_and_grads(lambda h, w, t: F.cross_entropy(h.double() @ w.double().t(), t), hidden, weight, targets)
     torch_bf16 = value_and_grads(lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t), hidden, weight, targets)
     ours = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=1024), hidden, weight, targets)
-    plain = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=1024, backend="torch"),
+    plain = value_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=1024, backend="reference"),
                             hidden, weight, targets)
 
     def err(x, r):

@@ -1,4 +1,4 @@
-"""Neighbour tables written out by hand for a 4x4 grid, every layout and source (issue 3 checks).
+"""Neighbour tables written out by hand for a 4x4 grid, every layout and source.
 
 Grid cells (W = 4):        Student position t has read cell g = t - 1 (t = 0 is the class token).
      0  1  2  3            ema rows:     cell g' -> row g' + 1, cell 15 has no row, class -> row 0.

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mirai.flops import model_config, training_flops_per_image
+from mirai.metrics.flops import model_config, training_flops_per_image
 from mirai.models.gpt import build_gpt
 from mirai.models.par import (PAR_models, PARConfig, PARTransformer, par_cell_to_position, par_group_ids,
-                              par_order, par_position_to_cell, remap_neighbour_table)
+                              par_order, par_position_to_cell)
 
 
 def tiny(block_size: int = 16, num_regions: int = 4, **overrides) -> PARTransformer:
@@ -103,18 +103,6 @@ def test_hidden_states_contract_and_state_dict():
         model(codes[:, :15], torch.tensor([1, 2]))
 
 
-def test_remap_neighbour_table_to_par_order():
-    G, n = 6, 4
-    cells = torch.arange(G * G)
-    right = torch.where(cells % G < G - 1, cells + 1, -1)[None]         # raster table, K = 1
-    order = par_order(G, n)
-    as_positions = remap_neighbour_table(right, G, n, values="position")
-    valid = as_positions[0] >= 0
-    assert torch.equal(valid, right[0, order] >= 0)
-    assert torch.equal(order[as_positions[0, valid]], order[valid] + 1)
-    assert torch.equal(remap_neighbour_table(right, G, n, values="cell")[0], right[0, order])
-
-
 def test_registry_config_errors_and_flops():
     assert {"PAR-debug", "PAR-B", "PAR-L", "PAR-XL", "PAR-XXL", "PAR-3B"} <= set(PAR_models)
     with torch.device("meta"):
@@ -126,6 +114,6 @@ def test_registry_config_errors_and_flops():
         PARConfig(block_size=36, num_regions=16)
     with pytest.raises(ValueError, match="attn_backend"):
         PARConfig(attn_backend="flash_attn")
-    par = training_flops_per_image(model_config("PAR-B"), "mirai_e")
-    gpt = training_flops_per_image(model_config("GPT-B"), "mirai_e")
+    par = training_flops_per_image(model_config("PAR-B"), "ema", k=3)
+    gpt = training_flops_per_image(model_config("GPT-B"), "ema", k=3)
     assert par.total == gpt.total

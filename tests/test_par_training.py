@@ -1,4 +1,4 @@
-"""PAR under the trainer (issue 9): the shipped par-b_* configs at debug size (PAR-debug, 4x4 tokens,
+"""PAR under the trainer: the shipped par-b_* configs at debug size (PAR-debug, 4x4 tokens,
 4 regions) train one step as baseline, Mirai-E and Mirai-I (precomputed features); the foresight
 neighbours are 2D-grid neighbours mapped through PAR's order; export + load_gpt rebuild PAR and
 ``mirai sample`` decodes it group by group."""
@@ -22,7 +22,7 @@ def debug_size(store: Path, out: Path, *extra: str) -> list[str]:
             "train.global_batch=8", "train.micro_batch=4", "train.max_steps=1", "train.precision=fp32",
             "train.zero_stage=0", "train.backend=single", "train.compile=false", "train.progress=false",
             "train.tensorboard=false", "train.log_every=1", "optim.lr=1e-2", "foresight.head_hidden=64",
-            "foresight.layer=1", "foresight.warmup_epochs=0", "foresight.ema_decay=0.99", "ema.decay=0.99",
+            "foresight.layer=1", "foresight.warmup_epochs=0", "ema.decay=0.99",
             *extra]
 
 
@@ -72,11 +72,12 @@ def test_par_configs_ship_pa4x_and_accept_16_regions():
 
 
 def test_par_baseline_one_step(code_store, tmp_path):
+    from mirai.foresight.sources import NoTargets
     from mirai.models.par import PARTransformer
-    from mirai.train import build_run, train
+    from mirai.trainer.run import build_run, train
     cfg = _cfg("par-b_baseline", code_store, tmp_path / "base")
     run = build_run(cfg)
-    assert isinstance(run.gpt, PARTransformer) and run.gpt.num_regions == 4 and run.source is None
+    assert isinstance(run.gpt, PARTransformer) and run.gpt.num_regions == 4 and isinstance(run.source, NoTargets)
     res = train(cfg)
     (m,) = res.metrics
     assert math.isfinite(m["loss"]) and m["loss"] == m["ntp_loss"] and m["loss"] > 0
@@ -85,7 +86,7 @@ def test_par_baseline_one_step(code_store, tmp_path):
 def test_par_mirai_e_teacher_runs_on_the_par_sequence_with_grid_neighbours(code_store, tmp_path):
     from mirai.foresight.neighbours import offsets_2d
     from mirai.models.par import PARTransformer, par_order
-    from mirai.train import build_run, train
+    from mirai.trainer.run import build_run, train
     cfg = _cfg("par-b_mirai_e", code_store, tmp_path / "e")
     run = build_run(cfg)
     gpt, teacher = run.gpt, run.source
@@ -114,7 +115,7 @@ def test_par_mirai_e_teacher_runs_on_the_par_sequence_with_grid_neighbours(code_
 
 
 def test_par_mirai_i_precomputed_features_in_raster_cells(code_store, tmp_path):
-    from mirai.train import build_run, train
+    from mirai.trainer.run import build_run, train
     cfg = _cfg("par-b_mirai_i", code_store, tmp_path / "i", "foresight.head_out=32")
     run = build_run(cfg)
     table = run.runner.engine.module.objective.table.cpu()               # [1, 16]: encoder rows are cells
@@ -125,11 +126,12 @@ def test_par_mirai_i_precomputed_features_in_raster_cells(code_store, tmp_path):
 
 
 def test_par_export_load_and_sample_in_parallel_groups(code_store, tmp_path):
-    from mirai.checkpoint import export, load_file, load_gpt
+    from mirai.checkpoint import export, load_gpt
+    from mirai.io.torch_files import load_file
     from mirai.models.par import PARTransformer
     from mirai.models.vq import build_vq
-    from mirai.sample import main as sample_main
-    from mirai.train import train
+    from mirai.commands.sample import main as sample_main
+    from mirai.trainer.run import train
     res = train(_cfg("par-b_mirai_e", code_store, tmp_path / "run", "train.max_steps=2"))
     path = export(res.checkpoint, tmp_path / "par.pt")
     assert load_file(path)["model_name"] == "PAR-debug"
@@ -165,8 +167,9 @@ def test_par_mirai_e_under_zero3_on_two_ranks_matches_one_process(code_store, tm
     import socket
     import subprocess
     import sys
-    from mirai.checkpoint import load_file, read_latest
-    from mirai.train import train
+    from mirai.checkpoint import read_latest
+    from mirai.io.torch_files import load_file
+    from mirai.trainer.run import train
     same = ["model.token_dropout_p=0", "model.resid_dropout_p=0", "model.ffn_dropout_p=0",
             "model.class_dropout_prob=0", "train.max_steps=2", "optim.warmup_steps=2"]
     dist_dir, ref_dir = tmp_path / "zero3", tmp_path / "single"
@@ -175,7 +178,7 @@ def test_par_mirai_e_under_zero3_on_two_ranks_matches_one_process(code_store, tm
         port = s.getsockname()[1]
     overrides = debug_size(code_store, dist_dir, *same, "train.backend=deepspeed", "train.zero_stage=3")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "mirai.train", "--config", str(CONFIGS / "par-b_mirai_e.yaml"),
+           "--master_port", str(port), "-m", "mirai", "train", "--config", str(CONFIGS / "par-b_mirai_e.yaml"),
            "--set", *overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

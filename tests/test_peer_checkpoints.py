@@ -99,7 +99,7 @@ def test_mirai_code_file_loads_and_reports_the_dropped_projectors(mirai_code_fil
 
 
 def test_namespace_is_the_only_extra_type_and_only_for_these_files(mirai_code_file):
-    from mirai.checkpoint import UnsafeFileError, load_file
+    from mirai.io.torch_files import UnsafeFileError, load_file
     with pytest.raises(UnsafeFileError, match=r"refused: it holds Python objects of type argparse\.Namespace") as info:
         load_file(mirai_code_file)                                    # e.g. where an engine state is expected
     assert info.value.types == ["argparse.Namespace"]
@@ -128,7 +128,7 @@ def test_other_keys_are_still_checked_strictly(models, tmp_path):
 def test_mirai_sample_runs_on_a_mirai_code_file(mirai_code_file, tmp_path):
     import numpy as np
 
-    from mirai.sample import main
+    from mirai.commands.sample import main
     tok = tokenizer_file(tmp_path)
     rc = main(["--ckpt", str(mirai_code_file), "--tokenizer", str(tok), "--num", "2", "--batch-size", "2",
                "--no-png", "--no-progress", "--grid", "0", "--out", str(tmp_path / "s")])

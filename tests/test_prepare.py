@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 
 from mirai.data.format import CodeStore
-from mirai.images import center_crop_arr, code_crops
+from mirai.data.images import center_crop_arr, code_crops
 from mirai.models.vq import PatchKMeansTokenizer, build_vq, load_vq
-from mirai.prepare import PrepareError, main, prepare, scan_image_folder
+from mirai.commands.prepare import main
+from mirai.data.image_folder import PrepareError, scan_image_folder
+from mirai.data.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +196,7 @@ def test_prepare_two_ranks_under_torchrun(tmp_path, vq_ckpt):
     imgs = _image_folder(tmp_path / "imgs")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mirai.prepare", "--images", str(imgs), "--out", str(tmp_path / "dist"), "--vq", str(vq_ckpt),
+           "-m", "mirai", "prepare", "--images", str(imgs), "--out", str(tmp_path / "dist"), "--vq", str(vq_ckpt),
            "--vq-model", "VQ-debug", "--image-size", "32", "--no-ten-crop", "--num-workers", "0",
            "--batch-size", "2", "--device", "cpu", "--no-progress"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

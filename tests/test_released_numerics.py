@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mirai.config import load_config
-from mirai.ema import ModelEMA
+from mirai.optim.model_ema import ModelEMA
 from mirai.foresight.config import ForesightConfig
 from mirai.foresight.heads import ForesightHeads
 from mirai.foresight.neighbours import neighbour_table, offsets_2d, released_offsets
@@ -116,10 +116,9 @@ def test_fp32_teacher_is_the_ema_itself():
 
 
 def test_step_runner_hands_the_loss_targets_in_the_target_dtype(debug_cfg):
-    from mirai.train import build_run
+    from mirai.trainer.run import build_run
     for dtype, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        run = build_run(debug_cfg("foresight.mode=encoder", "foresight.use_precomputed_features=true",
-                                  "data.features=true", "foresight.head_out=32", f"foresight.target_dtype={dtype}"))
+        run = build_run(debug_cfg("foresight.mode=encoder", "foresight.use_precomputed_features=true", "foresight.head_out=32", f"foresight.target_dtype={dtype}"))
         run.loader.start(0)
         batch = next(iter(run.loader))
         assert batch["features"].dtype == torch.bfloat16                      # as stored

@@ -2,8 +2,8 @@
 checkpoint, exit 75), a second trainer on one run folder (refused at once), metrics after a kill and resume (each
 step once), a hung rank (the collective times out, named), a dead launcher (its ranks stop, no orphans).
 
-The process tests run the real command, ``python -m mirai.train`` on configs/debug.yaml and the synthetic store,
-in subprocesses; the divergence tests call ``mirai.train.main`` in this process."""
+The process tests run the real command, ``python -m mirai train`` on configs/debug.yaml and the synthetic store,
+in subprocesses; the divergence tests call ``mirai.commands.train.main`` in this process."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mirai.checkpoint import load_file, read_latest
+from mirai.checkpoint import read_latest
+from mirai.io.torch_files import load_file
 from mirai.trainer.stop import EXIT_COLLECTIVE, EXIT_DIVERGED, EXIT_LOCKED, EXIT_STOPPED
 
 from conftest import DEBUG_YAML, REPO, debug_overrides
@@ -29,7 +30,7 @@ LONG = ["train.max_steps=100000", "train.log_every=1", "train.ckpt_every=100000"
 
 # --------------------------------------------------------------------------- helpers
 def _main(store: Path, out: Path, *extra: str) -> int:
-    from mirai.train import main
+    from mirai.commands.train import main
     return main(["--config", str(DEBUG_YAML), "--set", *debug_overrides(store, out), *extra])
 
 
@@ -39,7 +40,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _start(store: Path, out: Path, *extra: str, log: Path, env: dict[str, str] | None = None,
            launcher: list[str] | None = None) -> subprocess.Popen:
-    cmd = [*(launcher or [sys.executable, "-m"]), "mirai.train", "--config", str(DEBUG_YAML),
+    cmd = [*(launcher or [sys.executable, "-m"]), "mirai", "train", "--config", str(DEBUG_YAML),
            "--set", *debug_overrides(store, out), *extra]
     with open(log, "w") as fh:
         return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=fh, stderr=subprocess.STDOUT,
@@ -113,8 +114,7 @@ def test_nan_teacher_features_stop_at_the_exact_step(code_store, tmp_path, capsy
 
     monkeypatch.setattr(PrecomputedFeatures, "targets", poisoned)
     out = tmp_path / "run"
-    rc = _main(code_store, out, "foresight.mode=encoder", "foresight.use_precomputed_features=true",
-               "data.features=true", "foresight.head_out=32", "train.log_every=5", "train.ckpt_every=3")
+    rc = _main(code_store, out, "foresight.mode=encoder", "foresight.use_precomputed_features=true", "foresight.head_out=32", "train.log_every=5", "train.ckpt_every=3")
     err = capsys.readouterr().err
     assert rc == EXIT_DIVERGED and "non-finite at step 4 (found at the check after step 5; steps up to 3" in err
     assert read_latest(out).name == "step_00000003" and _finite(read_latest(out))

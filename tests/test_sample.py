@@ -12,7 +12,8 @@ from PIL import Image
 
 from mirai.models.gpt import build_gpt
 from mirai.models.vq import PatchKMeansTokenizer, build_vq
-from mirai.sample import main, parse_classes, sample
+from mirai.commands.sample import main, parse_classes
+from mirai.sampling import sample
 
 
 def _gpt(block_size: int = 9, vocab: int = 64, seed: int = 0):

@@ -96,7 +96,7 @@ def test_static_teacher_loads_ema_entry_and_names_bad_files(tmp_path):
 
 @needs_gpt
 def test_online_teacher_refreshed_by_model_ema():
-    ema_mod = pytest.importorskip("mirai.ema", reason="mirai.ema not available yet")
+    ema_mod = pytest.importorskip("mirai.optim.model_ema", reason="mirai.optim.model_ema not available yet")
     model = _tiny_gpt()
     teacher = EMATeacher(model, layer=2)
     ema = ema_mod.ModelEMA(model, decay=0.5)

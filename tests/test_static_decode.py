@@ -9,7 +9,7 @@ import torch
 from mirai.models.gpt import build_gpt
 from mirai.models.static_decode import StaticDecoder
 from mirai.models.vq import PatchKMeansTokenizer
-from mirai.sample import sample
+from mirai.sampling import sample
 
 SETTINGS = [
     dict(cfg_scale=2.0, top_k=8, top_p=0.9, cfg_interval=(0.0, 0.7)),     # guided for the first 70% of steps

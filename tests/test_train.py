@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from mirai import _ext
-from mirai.checkpoint import load_file, read_latest
+from mirai.checkpoint import read_latest
+from mirai.io.torch_files import load_file
 
 DEBUG_YAML = Path(__file__).resolve().parent.parent / "configs" / "debug.yaml"
 
 # Mirai-E on GPT-debug, dropout on (tests RNG restore), fp32, single process, 8 steps per epoch
-MIRAI_E = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0", "foresight.ema_decay=0.9",
+MIRAI_E = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0",
            "ema.decay=0.9", "train.log_every=1"]
 
 
@@ -29,7 +30,7 @@ def _cfg(store: Path, out: Path, *extra: str):
 
 
 def _train(store: Path, out: Path, *extra: str):
-    from mirai.train import train
+    from mirai.trainer.run import train
     return train(_cfg(store, out, *extra))
 
 
@@ -78,7 +79,7 @@ def test_resume_is_bit_identical(finished_run, code_store, tmp_path):
 def test_warmup_switches_on_after_warmup_epochs(code_store, tmp_path):
     # 64 images / global batch 8 = 8 steps per epoch: steps 1..8 are epoch 0 (warm-up), step 9 is epoch 1
     res = _train(code_store, tmp_path / "warm", "train.backend=single", "foresight.mode=ema",
-                 "foresight.warmup_epochs=1", "foresight.ema_decay=0.99", "train.log_every=1",
+                 "foresight.warmup_epochs=1", "train.log_every=1",
                  "train.max_steps=10", "train.ckpt_every=100")
     by_step = {m["step"]: m for m in res.metrics}
     for s in range(1, 9):
@@ -92,10 +93,10 @@ def test_warmup_switches_on_after_warmup_epochs(code_store, tmp_path):
 
 @pytest.mark.parametrize("target_dtype", ["fp32", "bf16"])
 def test_ema_follows_the_formula_and_drives_the_teacher(code_store, tmp_path, target_dtype):
-    from mirai.train import build_run
+    from mirai.trainer.run import build_run
     decay = 0.9
     run = build_run(_cfg(code_store, tmp_path / "ema", "train.backend=single", "foresight.mode=ema",
-                         "foresight.warmup_epochs=0", f"foresight.ema_decay={decay}", f"ema.decay={decay}",
+                         "foresight.warmup_epochs=0", f"ema.decay={decay}",
                          f"foresight.target_dtype={target_dtype}"))
     params = lambda: {n: p.detach().clone() for n, p in run.gpt.named_parameters()}  # noqa: E731
     expected = params()                                          # EMA at step 0 = the initial weights
@@ -121,8 +122,8 @@ def test_fused_optimizer_ema_matches_separate_passes(code_store, tmp_path):
     """optim.fuse_ema: AdamW + clip + EMA + teacher copy in one pass give the weights, moments, EMA and teacher
     of torch's AdamW followed by the separate EMA pass (with the clip active)."""
     from mirai.optim import AdamWEMA
-    from mirai.train import build_run
-    common = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0", "foresight.ema_decay=0.9",
+    from mirai.trainer.run import build_run
+    common = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0",
               "ema.decay=0.9", "optim.grad_clip=0.05", "foresight.target_dtype=bf16"]   # bf16: the pass writes it
     runs = {}
     for fused in (False, True):
@@ -184,8 +185,8 @@ def test_resume_switching_fuse_ema_keeps_each_optimizer_itself(code_store, tmp_p
 
 
 @pytest.mark.skipif(not _ext.has_op("ce_softmax_grad_"), reason="mirai._C lacks ce_softmax_grad_")
-def test_ce_backend_kernel_trains_as_the_torch_pass(code_store, tmp_path, monkeypatch):
-    """train.ce_backend=kernel (the C++ row pass on the CPU) gives the losses and weights of the PyTorch pass."""
+def test_ce_backend_fused_trains_as_the_reference_pass(code_store, tmp_path, monkeypatch):
+    """train.ce_backend=fused (the C++ row pass on the CPU) gives the losses and weights of the PyTorch pass."""
     from mirai.config import ConfigError
     real, calls = _ext.ext(), []
 
@@ -197,15 +198,15 @@ def test_ce_backend_kernel_trains_as_the_torch_pass(code_store, tmp_path, monkey
 
     monkeypatch.setattr(_ext, "ext", lambda: Spy())
     runs, used = {}, {}
-    for b in ("kernel", "torch"):
+    for b in ("fused", "reference"):
         calls.clear()
         runs[b] = _train(code_store, tmp_path / b, *MIRAI_E, "train.max_steps=2", "train.ckpt_every=2",
                          f"train.ce_backend={b}")
         used[b] = len(calls)
-    assert used["kernel"] > 0 and used["torch"] == 0
-    for a, b in zip(runs["kernel"].metrics, runs["torch"].metrics):
+    assert used["fused"] > 0 and used["reference"] == 0
+    for a, b in zip(runs["fused"].metrics, runs["reference"].metrics):
         assert abs(a["ntp_loss"] - b["ntp_loss"]) <= 1e-5 * abs(b["ntp_loss"]), (a["step"], a["ntp_loss"], b["ntp_loss"])
-    ta, tb = _tensors(runs["kernel"].checkpoint), _tensors(runs["torch"].checkpoint)
+    ta, tb = _tensors(runs["fused"].checkpoint), _tensors(runs["reference"].checkpoint)
     for k in ta:
         if k.startswith("model."):
             torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-6, msg=k)
@@ -214,7 +215,7 @@ def test_ce_backend_kernel_trains_as_the_torch_pass(code_store, tmp_path, monkey
 
 
 def test_loader_shards_cover_the_global_batch_and_resume_mid_epoch(code_store):
-    from mirai.trainer.data import Shard, TrainLoader
+    from mirai.data.loader import Shard, TrainLoader
 
     def micro_batches(shard, start, n, workers=0):
         loader = TrainLoader(str(code_store), shard, seed=3, num_workers=workers)
@@ -237,7 +238,7 @@ def test_loader_shards_cover_the_global_batch_and_resume_mid_epoch(code_store):
 
 def test_crash_during_save_keeps_the_previous_latest(code_store, tmp_path, monkeypatch):
     import mirai.checkpoint.training as ckpt_mod
-    from mirai.train import train
+    from mirai.trainer.run import train
     out = tmp_path / "crash"
     args = ("train.backend=single", "train.max_steps=4", "train.ckpt_every=1", "train.keep_last=2")
     real_save = ckpt_mod.save_file
@@ -262,11 +263,11 @@ def test_crash_during_save_keeps_the_previous_latest(code_store, tmp_path, monke
 def test_model_scope_compile_matches_eager(code_store, tmp_path):
     """train.compile with compile_scope=model compiles the whole TrainModule (and the Mirai-E teacher) in
     place, not the blocks, and trains to the same losses as eager mode (fp32, dropout off)."""
-    from mirai.train import build_run
+    from mirai.trainer.run import build_run
     from mirai.trainer.engine import compile_scope
     common = ["train.backend=single", "foresight.mode=ema", "foresight.warmup_epochs=0", "train.max_steps=2",
               "model.token_dropout_p=0", "model.resid_dropout_p=0", "model.ffn_dropout_p=0",
-              "model.class_dropout_prob=0", "foresight.ema_decay=0.9", "ema.decay=0.9"]
+              "model.class_dropout_prob=0", "ema.decay=0.9"]
     losses = {}
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -346,9 +347,7 @@ def test_clip_inside_fused_adamw_matches_clip_grad_norm():
     for _ in range(3):
         norms = []
         for e in (folded, separate):
-            loss, _, _ = e.forward(codes, labels)
-            e.backward(loss)
-            e.step()
+            e.micro_step(codes, labels)
             norms.append(e.grad_norm())
         assert norms[0] > 2 * 0.1                      # the clip is active: the factor is below 1/2
         assert norms[0] == pytest.approx(norms[1], rel=1e-6)
@@ -395,18 +394,18 @@ class _HostReadCounter:
         return counted
 
 
-STEP_MODES = [   # the training steps issue 10 times, on GPT-debug, single process
+STEP_MODES = [   # the training steps checked here, on GPT-debug, single process
     pytest.param(("train.backend=single",), id="baseline"),
     pytest.param(MIRAI_E, id="mirai_e"),
     pytest.param((*MIRAI_E, "optim.fuse_ema=true"), id="mirai_e_fused_ema"),
     pytest.param(("train.backend=single", "foresight.mode=encoder", "foresight.head_out=32",
-                  "foresight.use_precomputed_features=true", "data.features=true"), id="mirai_i_features"),
+                  "foresight.use_precomputed_features=true"), id="mirai_i_features"),
 ]
 
 
 def _run_with_batches(store: Path, out: Path, *extra: str):
     """A built run (not started) and 4 optimizer steps' micro-batches from its loader."""
-    from mirai.train import build_run
+    from mirai.trainer.run import build_run
     run = build_run(_cfg(store, out, *extra, "train.max_steps=8"))
     run.loader.start(0)
     it = iter(run.loader)
@@ -415,7 +414,7 @@ def _run_with_batches(store: Path, out: Path, *extra: str):
 
 @pytest.mark.parametrize("extra", STEP_MODES)
 def test_training_step_reads_nothing_back_to_the_host(code_store, tmp_path, monkeypatch, extra):
-    """Issue 10: between log steps the training step never reads a tensor value on the host (no .item(),
+    """Between log steps the training step never reads a tensor value on the host (no .item(),
     .tolist(), bool(t), float(t), ...), so on a GPU it queues work without waiting. The first two steps may
     (one-time kernel self-checks); steps 3 and 4 must not."""
     run, batches = _run_with_batches(code_store, tmp_path / "run", *extra)

@@ -42,14 +42,14 @@ def overrides(store: Path, out: Path, *extra: str) -> list[str]:
 
 
 def train_main(store: Path, out: Path, *extra: str) -> int:
-    from mirai.train import main
+    from mirai.commands.train import main
     return main(["--config", str(DEBUG_YAML), "--set", *overrides(store, out, *extra)])
 
 
 @pytest.fixture(scope="module")
 def plain_run(code_store, tmp_path_factory) -> Path:
     from mirai.config import load_config
-    from mirai.train import train
+    from mirai.trainer.run import train
     out = tmp_path_factory.mktemp("plain") / "run"
     train(load_config(DEBUG_YAML, overrides(code_store, out)))
     return out
@@ -76,7 +76,7 @@ def test_the_payload_is_live(tmp_path):
 
 
 def test_load_file_refuses_naming_the_type_and_tells_unreadable_apart(tmp_path):
-    from mirai.checkpoint import FileLoadError, UnsafeFileError, load_file
+    from mirai.io.torch_files import FileLoadError, UnsafeFileError, load_file
     marker = tmp_path / "marker"
     path = plant(tmp_path / "p.pt", marker)
     with pytest.raises(UnsafeFileError, match=r"p\.pt: refused: .*io\.open") as info:
@@ -96,7 +96,7 @@ def test_load_file_refuses_naming_the_type_and_tells_unreadable_apart(tmp_path):
 
 
 def test_sample_refuses_ckpt_vq_and_tokenizer(plain_run, tokenizer_file, tmp_path, capsys):
-    from mirai.sample import main
+    from mirai.commands.sample import main
     common = ["--num", "1", "--batch-size", "1", "--no-png", "--no-progress", "--out", str(tmp_path / "s")]
     cases = [("ckpt", ["--tokenizer", str(tokenizer_file), "--gpt-model", "GPT-debug"]),
              ("vq", ["--ckpt", str(plain_run), "--vq-model", "VQ-debug"]),
@@ -111,7 +111,7 @@ def test_sample_refuses_ckpt_vq_and_tokenizer(plain_run, tokenizer_file, tmp_pat
 def test_prepare_refuses_vq_tokenizer_and_encoder_weights(tokenizer_file, tmp_path, capsys):
     from PIL import Image
 
-    from mirai.prepare import main
+    from mirai.commands.prepare import main
     images = tmp_path / "images" / "cls0"
     images.mkdir(parents=True)
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(images / "a.png")
@@ -126,7 +126,7 @@ def test_prepare_refuses_vq_tokenizer_and_encoder_weights(tokenizer_file, tmp_pa
 
 
 def test_eval_refuses_inception_weights(tmp_path, capsys):
-    from mirai.evaluate import main
+    from mirai.commands.evaluate import main
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images)
     np.savez(tmp_path / "r.npz", arr_0=images)
@@ -138,7 +138,7 @@ def test_eval_refuses_inception_weights(tmp_path, capsys):
 
 
 def test_visualize_refuses_ckpt_and_vq(plain_run, code_store, tmp_path, capsys):
-    from mirai.visualize import main
+    from mirai.commands.visualize import main
     common = ["tsne", "--codes", str(code_store), "--layer", "1", "--out", str(tmp_path / "t.png")]
     marker = tmp_path / "marker_ckpt"
     bad = plant(tmp_path / "ckpt.pt", marker)
@@ -156,13 +156,23 @@ def test_static_teacher_is_refused(code_store, tmp_path, capsys):
     refused(rc, capsys.readouterr().err, bad, marker)
 
 
-def test_demo_refuses_a_planted_tokenizer(tmp_path, capsys):
-    from mirai.demo import main
+def test_demo_refuses_a_planted_tokenizer(tmp_path):
+    """A payload planted over the demo's cached tokenizer, next to the genuine sidecar that makes the demo reuse
+    it: refused naming the file, never run, never silently refitted over."""
+    from mirai.commands.demo.tokenizer import fit_or_load_tokenizer
+    from mirai.io.torch_files import UnsafeFileError
+    x = torch.rand(12, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    path = tmp_path / "demo" / "tokenizer.pt"
+    path.parent.mkdir()
+    fit = dict(codebook_size=8, iters=2, max_patches=256, seed=0)
+    assert fit_or_load_tokenizer(path, x, x, **fit)[2] is False                 # fitted and cached
+    assert fit_or_load_tokenizer(path, x, x, **fit)[2] is True                  # reused
     marker = tmp_path / "marker"
-    bad = plant(tmp_path / "demo" / "tokenizer.pt", marker)
-    rc = main(["--out", str(tmp_path / "demo"), "--steps", "1", "--no-progress", "--tsne-images", "0"])
-    refused(rc, capsys.readouterr().err, bad, marker)
-    assert bad.read_bytes()[:2] == b"PK"                               # refused, not silently refitted over
+    bad = plant(path, marker)
+    with pytest.raises(UnsafeFileError, match="tokenizer.pt"):
+        fit_or_load_tokenizer(path, x, x, **fit)
+    assert not marker.exists()
+    assert bad.read_bytes()[:2] == b"PK"                                         # not refitted over
 
 
 @pytest.mark.parametrize("rel", ["model.pt", "ema.pt", "rank_00000.pt", "engine/state.pt"])
@@ -182,8 +192,8 @@ def test_plain_run_folder_files_are_refused_on_resume(plain_run, code_store, tmp
 @pytest.mark.parametrize("rel", ["model.pt", "ema.pt"])
 def test_export_and_sample_refuse_planted_run_files(plain_run, tokenizer_file, tmp_path, capsys, rel):
     from mirai.checkpoint import read_latest
-    from mirai.export import main as export_main
-    from mirai.sample import main as sample_main
+    from mirai.commands.export import main as export_main
+    from mirai.commands.sample import main as sample_main
     run = tmp_path / "run"
     shutil.copytree(plain_run, run)
     marker = tmp_path / "marker"

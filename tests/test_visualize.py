@@ -14,7 +14,8 @@ pytest.importorskip("matplotlib")
 from mirai.data.format import write_code_store  # noqa: E402
 from mirai.models.gpt import build_gpt  # noqa: E402
 from mirai.models.vq import PatchKMeansTokenizer  # noqa: E402
-from mirai.visualize import main, token_features, tsne_rgb  # noqa: E402
+from mirai.commands.visualize import main  # noqa: E402
+from mirai.figures import token_features, tsne_rgb  # noqa: E402
 
 
 def _save_gpt(path, seed):

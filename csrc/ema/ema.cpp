@@ -1,4 +1,4 @@
-// Fused in-place multi-tensor EMA update (issue 5): the checked op and its
+// Fused in-place multi-tensor EMA update: the checked op and its
 // pybind11 registration.
 //
 //   _C.ema_update_(ema, params, teacher, decay, decay_tensor)

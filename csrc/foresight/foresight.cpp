@@ -1,5 +1,5 @@
 // Fused foresight loss: K projection-head MLPs + neighbour-table gather + cosine
-// alignment loss, forward AND backward in one call (issue 4). Host side: input checks,
+// alignment loss, forward AND backward in one call. Host side: input checks,
 // the chunked driver (all GEMMs through ATen, so cuBLAS on CUDA), pybind11 registration.
 //
 // Op (raw, registered as mirai._C.foresight_fused_cpu / foresight_fused_cuda):
@@ -200,166 +200,237 @@ void colsum_acc(const at::Tensor& acc, const at::Tensor& rows, bool first) {
   }
 }
 
-std::vector<at::Tensor> run(const Inputs& raw, int64_t chunk_tokens, int64_t group_heads, bool need_grad,
-                            bool check_table, bool cuda, const Kernels& kern) {
-  check_inputs(raw, cuda, chunk_tokens, check_table);
-  c10::DeviceGuard guard(raw.h.device());
-  const auto h = raw.h.contiguous(), w1 = raw.w1.contiguous(), b1 = raw.b1.contiguous();
-  const auto w2 = raw.w2.contiguous(), b2 = raw.b2.contiguous(), w3 = raw.w3.contiguous();
-  const auto b3 = raw.b3.contiguous(), teacher = raw.teacher.contiguous(), table = raw.table.contiguous();
-  const int64_t B = h.size(0), T = h.size(1), D = h.size(2);
-  const int64_t K = w1.size(0), H = w1.size(1), C = w3.size(1), S = teacher.size(1);
-  const int64_t N = B * T, KH = K * H, KC = K * C;
-  const auto dt = h.scalar_type();
-  const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = h.options();
-  const auto acc_opts = h.options().dtype(acc_dt);
-
-  // Per-head counts and loss weights from the table alone (device ops, no host sync).
-  const auto count = table.ge(0).sum(1).to(acc_dt).mul_(static_cast<double>(B));  // [K] N_k
-  const auto denom = count.clamp_min(1.0);                                         // [K]
-  const auto coeffs = raw.coeffs.to(acc_dt);                                       // [K]
-  const auto grad_w = coeffs.neg().div_(denom);                                    // [K] -coeff_k / N_k
-
-  const auto inv_tn = at::empty({B, S}, acc_opts);
-  if (inv_tn.numel() > 0) kern.teacher_inv_norm(teacher, inv_tn);
-  const auto row_loss = at::empty({N, K}, acc_opts);  // -cos per (token, head), every entry written
-
-  // Schedule: heads in groups of G, each group over the tokens in chunks of `chunk`.
-  const int64_t G = group_heads < 1 ? K : std::min(group_heads, K);
-  const int64_t n_groups = (K + G - 1) / G;
-  const int64_t chunk = std::max<int64_t>(1, std::min(chunk_tokens, N));
-  const int64_t n_chunks = (N + chunk - 1) / chunk;
+// Sizes of one call and its schedule: heads in groups of G, each group over the N = B*T tokens in
+// chunks of `chunk` tokens.
+struct Plan {
+  int64_t B, T, D, K, H, C, S, N;
+  int64_t G, n_groups, chunk, n_chunks;
   // One chunk per group: the weight-gradient GEMMs write the parameter-dtype grads directly
   // (fp32 accumulation inside the GEMM). Several: fp32 accumulators sized for one group.
-  const bool direct = n_chunks == 1;
+  bool direct;
+  at::ScalarType dt, acc_dt;  // input dtype; accumulation dtype (fp32, or fp64 for fp64 inputs)
+};
 
-  at::Tensor dh, gw1, gw2, gw3, gb1, gb2, gb3;  // the op's outputs (weight grads in the param dtype)
-  at::Tensor acc1, acc2, acc3;                  // fp32 accumulators of one group (several chunks only)
+Plan plan_chunks(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& teacher,
+                 int64_t chunk_tokens, int64_t group_heads) {
+  Plan p;
+  p.B = h.size(0), p.T = h.size(1), p.D = h.size(2);
+  p.K = w1.size(0), p.H = w1.size(1), p.C = w3.size(1), p.S = teacher.size(1);
+  p.N = p.B * p.T;
+  p.G = group_heads < 1 ? p.K : std::min(group_heads, p.K);
+  p.n_groups = (p.K + p.G - 1) / p.G;
+  p.chunk = std::max<int64_t>(1, std::min(chunk_tokens, p.N));
+  p.n_chunks = (p.N + p.chunk - 1) / p.chunk;
+  p.direct = p.n_chunks == 1;
+  p.dt = h.scalar_type();
+  p.acc_dt = p.dt == at::kDouble ? at::kDouble : at::kFloat;
+  return p;
+}
+
+// The op's gradient outputs (weight grads in the parameter dtype, bias grads in acc dtype until
+// the end) and the fp32 accumulators of one group (several chunks only).
+struct Grads {
+  at::Tensor dh, gw1, gw2, gw3, gb1, gb2, gb3;
+  at::Tensor acc1, acc2, acc3;
+};
+
+Grads allocate_grads(const Plan& p, const at::TensorOptions& opts, const at::TensorOptions& acc_opts) {
+  Grads gr;
+  const int64_t K = p.K, H = p.H, D = p.D, C = p.C;
+  const bool none = p.n_chunks == 0;  // no tokens: the weight grads are zeros
+  gr.dh = at::empty({p.N, D}, opts);
+  gr.gw1 = none ? at::zeros({K, H, D}, opts) : at::empty({K, H, D}, opts);
+  gr.gw2 = none ? at::zeros({K, H, H}, opts) : at::empty({K, H, H}, opts);
+  gr.gw3 = none ? at::zeros({K, C, H}, opts) : at::empty({K, C, H}, opts);
+  gr.gb1 = at::zeros({K * H}, acc_opts);
+  gr.gb2 = at::zeros({K * H}, acc_opts);
+  gr.gb3 = at::zeros({K * C}, acc_opts);
+  if (!p.direct && !none) {
+    gr.acc1 = at::empty({1, p.G * H, D}, acc_opts);  // [1, G*H, D]: layer 1 of the group as one GEMM
+    gr.acc2 = at::empty({p.G, H, H}, acc_opts);
+    gr.acc3 = at::empty({p.G, C, H}, acc_opts);
+  }
+  return gr;
+}
+
+// The weights of heads [k0, k0 + g) in the layouts the GEMMs take, and where their grads go.
+struct Group {
+  int64_t k0, g, gH, gC;
+  at::Tensor W1g, W1t, w2g, w3g, W2t, W3t, b1g, b2g, b3g, table, grad_w;
+  at::Tensor t1, t2, t3;        // weight-gradient targets: the output slices, or the accumulators
+  at::Tensor gb1g, gb2g, gb3g;  // bias-gradient slices
+};
+
+Group group_view(const Plan& p, int64_t gi, const Inputs& in, const at::Tensor& grad_w, const Grads& gr,
+                 bool need_grad) {
+  Group v;
+  const int64_t H = p.H, C = p.C, D = p.D;
+  v.k0 = gi * p.G, v.g = std::min(p.G, p.K - v.k0), v.gH = v.g * H, v.gC = v.g * C;
+  const int64_t k0 = v.k0, g = v.g;
+  v.W1g = in.w1.narrow(0, k0, g).view({v.gH, D});  // [g*H, D]
+  v.W1t = v.W1g.t();                                // [D, g*H]
+  v.w2g = in.w2.narrow(0, k0, g), v.w3g = in.w3.narrow(0, k0, g);
+  v.W2t = v.w2g.transpose(1, 2);  // [g, H_in, H_out]
+  v.W3t = v.w3g.transpose(1, 2);  // [g, H, C]
+  v.b1g = in.b1.narrow(0, k0, g).view({v.gH}), v.b2g = in.b2.narrow(0, k0, g).view({v.gH});
+  v.b3g = in.b3.narrow(0, k0, g);
+  v.table = in.table.narrow(0, k0, g);
+  v.grad_w = grad_w.narrow(0, k0, g);
   if (need_grad) {
-    dh = at::empty({N, D}, opts);
-    gw1 = n_chunks == 0 ? at::zeros({K, H, D}, opts) : at::empty({K, H, D}, opts);
-    gw2 = n_chunks == 0 ? at::zeros({K, H, H}, opts) : at::empty({K, H, H}, opts);
-    gw3 = n_chunks == 0 ? at::zeros({K, C, H}, opts) : at::empty({K, C, H}, opts);
-    gb1 = at::zeros({KH}, acc_opts);
-    gb2 = at::zeros({KH}, acc_opts);
-    gb3 = at::zeros({KC}, acc_opts);
-    if (!direct && n_chunks > 0) {
-      acc1 = at::empty({1, G * H, D}, acc_opts);  // [1, G*H, D]: layer 1 of the group as one GEMM
-      acc2 = at::empty({G, H, H}, acc_opts);
-      acc3 = at::empty({G, C, H}, acc_opts);
-    }
+    v.t1 = p.direct ? gr.gw1.narrow(0, k0, g).view({1, v.gH, D}) : gr.acc1.narrow(1, 0, v.gH);
+    v.t2 = p.direct ? gr.gw2.narrow(0, k0, g) : gr.acc2.narrow(0, 0, g);
+    v.t3 = p.direct ? gr.gw3.narrow(0, k0, g) : gr.acc3.narrow(0, 0, g);
+    v.gb1g = gr.gb1.narrow(0, k0 * H, v.gH);
+    v.gb2g = gr.gb2.narrow(0, k0 * H, v.gH);
+    v.gb3g = gr.gb3.narrow(0, k0 * C, v.gC);
   }
+  return v;
+}
 
-  {  // the loops; the workspace lives only in this scope
-    // Flat buffers; each (group, chunk) views their first M * g * X elements as [M, g*X].
-    const auto P1 = at::empty({chunk * G * H}, opts);
-    const auto P2 = at::empty({chunk * G * H}, opts);
-    const auto Q = at::empty({chunk * G * H}, opts);
-    const auto Yb = at::empty({chunk * G * C}, opts);
-    const int64_t max_tiles = (chunk + kColsumRows - 1) / kColsumRows;
-    const auto partial = need_grad ? at::empty({max_tiles * G * H}, acc_opts) : at::Tensor();
-    const auto x_all = h.view({N, D});
-    auto rows = [](const at::Tensor& flat, int64_t M, int64_t cols) {
-      return flat.narrow(0, 0, M * cols).view({M, cols});
-    };
+// One chunk's views of the workspace: token-major [M, g*X] buffers and their per-head views.
+struct ChunkBuffers {
+  at::Tensor x, p1, p2, q, yb;  // x [M, D]; p1, p2, q [M, g*H]; yb [M, g*C]
+  at::Tensor p2h, qh, yh;       // [g, M, H], [g, M, H], [g, M, C]
+};
 
-    const int64_t groups_to_run = n_chunks > 0 ? n_groups : 0;  // no tokens: zero grads, nothing to run
-    for (int64_t gi = 0; gi < groups_to_run; ++gi) {
-      const int64_t k0 = gi * G, g = std::min(G, K - k0), gH = g * H, gC = g * C;
-      const auto W1g = w1.narrow(0, k0, g).view({gH, D});  // [g*H, D]
-      const auto W1t = W1g.t();                             // [D, g*H]
-      const auto w2g = w2.narrow(0, k0, g), w3g = w3.narrow(0, k0, g);
-      const auto W2t = w2g.transpose(1, 2);                 // [g, H_in, H_out]
-      const auto W3t = w3g.transpose(1, 2);                 // [g, H, C]
-      const auto b1g = b1.narrow(0, k0, g).view({gH}), b2g = b2.narrow(0, k0, g).view({gH});
-      // weight-gradient targets of this group: the output slices, or the accumulators
-      at::Tensor t1, t2, t3;
-      if (need_grad) {
-        t1 = direct ? gw1.narrow(0, k0, g).view({1, gH, D}) : acc1.narrow(1, 0, gH);
-        t2 = direct ? gw2.narrow(0, k0, g) : acc2.narrow(0, 0, g);
-        t3 = direct ? gw3.narrow(0, k0, g) : acc3.narrow(0, 0, g);
-      }
-      const auto gb1g = need_grad ? gb1.narrow(0, k0 * H, gH) : at::Tensor();
-      const auto gb2g = need_grad ? gb2.narrow(0, k0 * H, gH) : at::Tensor();
-      const auto gb3g = need_grad ? gb3.narrow(0, k0 * C, gC) : at::Tensor();
+// Per-chunk forward of a group's heads: A1 = x W1^T, S1 = silu(A1 + b1), A2 = S1 W2^T,
+// S2 = silu(A2 + b2) (over S1), Y = S2 W3^T; then the loss kernel writes -cos per row and,
+// when need_grad, dY in place of Y.
+void chunk_forward(const ChunkBuffers& c, const Group& v, const Plan& p, int64_t m0, const at::Tensor& teacher,
+                   const at::Tensor& inv_tn, const at::Tensor& row_loss, bool need_grad, const Kernels& kern) {
+  auto p1 = c.p1, p2h = c.p2h, yh = c.yh;
+  at::mm_out(p1, c.x, v.W1t);        // A1 = x W1^T          [M, g*H]
+  kern.bias_silu(c.p1, v.b1g, c.q);  // S1 = silu(A1 + b1)
+  bmm_into(p2h, c.qh, v.W2t);        // A2 = S1 W2^T         [g, M, H]
+  kern.bias_silu(c.p2, v.b2g, c.q);  // S2 = silu(A2 + b2)   (overwrites S1)
+  bmm_into(yh, c.qh, v.W3t);         // Y = S2 W3^T          [g, M, C]
 
-      for (int64_t ci = 0; ci < n_chunks; ++ci) {
-        const int64_t m0 = ci * chunk, M = std::min(chunk, N - m0);
-        const bool first = ci == 0;
-        auto x = x_all.narrow(0, m0, M);                                      // [M, D]
-        auto p1 = rows(P1, M, gH), p2 = rows(P2, M, gH), q = rows(Q, M, gH);  // [M, g*H]
-        auto yb = rows(Yb, M, gC);                                            // [M, g*C]
-        auto p2h = per_head(p2, g, H), qh = per_head(q, g, H), yh = per_head(yb, g, C);  // [g, M, *]
+  LossChunk lc;
+  lc.y = c.yb;
+  lc.b3 = v.b3g;
+  lc.teacher = teacher;
+  lc.inv_tn = inv_tn;
+  lc.table = v.table;
+  lc.grad_w = v.grad_w;
+  lc.row_loss = row_loss.narrow(0, m0, c.x.size(0)).narrow(1, v.k0, v.g);  // [M, g], row stride K
+  lc.m0 = m0;
+  lc.T = p.T;
+  lc.need_grad = need_grad;
+  kern.loss(lc);  // row_loss; yb <- dY when need_grad
+}
 
-        at::mm_out(p1, x, W1t);            // A1 = x W1^T          [M, g*H]
-        kern.bias_silu(p1, b1g, q);        // S1 = silu(A1 + b1)
-        bmm_into(p2h, qh, W2t);            // A2 = S1 W2^T         [g, M, H]
-        kern.bias_silu(p2, b2g, q);        // S2 = silu(A2 + b2)   (overwrites S1)
-        bmm_into(yh, qh, W3t);             // Y = S2 W3^T          [g, M, C]
-
-        LossChunk lc;
-        lc.y = yb;
-        lc.b3 = b3.narrow(0, k0, g);
-        lc.teacher = teacher;
-        lc.inv_tn = inv_tn;
-        lc.table = table.narrow(0, k0, g);
-        lc.grad_w = grad_w.narrow(0, k0, g);
-        lc.row_loss = row_loss.narrow(0, m0, M).narrow(1, k0, g);  // [M, g], row stride K
-        lc.m0 = m0;
-        lc.T = T;
-        lc.need_grad = need_grad;
-        kern.loss(lc);                     // row_loss; yb <- dY when need_grad
-        if (!need_grad) continue;
-
-        const int64_t tiles = (M + kColsumRows - 1) / kColsumRows;
-        auto part = rows(partial, tiles, gH);          // [tiles, g*H]
-        gemm_acc(t3, yh.transpose(1, 2), qh, first);   // dW3 (+)= dY^T S2     [g, C, H]
-        colsum_acc(gb3g, yb, first);                   // db3 (+)= sum_m dY    [g*C]
-        bmm_into(qh, yh, w3g);                         // dS2 = dY W3          [g, M, H]
-        kern.silu_bwd(q, p2, b2g, part, false);        // dZ2 = dS2 silu'(A2 + b2)
-        colsum_acc(gb2g, part, first);                 // db2
-        bmm_into(p2h, qh, w2g);                        // dS1 = dZ2 W2         [g, M, H]
-        kern.silu_bwd(p2, p1, b1g, part, true);        // dA1 = dS1 silu'(A1 + b1); P1 <- S1
-        colsum_acc(gb1g, part, first);                 // db1
-        gemm_acc(t2, qh.transpose(1, 2), per_head(p1, g, H), first);  // dW2 (+)= dZ2^T S1  [g, H, H]
-        gemm_acc(t1, p2.t().unsqueeze(0), x.unsqueeze(0), first);     // dW1 (+)= dA1^T x   [1, g*H, D]
-        auto dh_rows = dh.narrow(0, m0, M);
-        if (gi == 0) {
-          at::mm_out(dh_rows, p2, W1g);    // dh = dA1 W1g (sums over the group's heads)  [M, D]
-        } else {
-          dh_rows.addmm_(p2, W1g);         // later groups add theirs
-        }
-      }
-      if (need_grad && !direct) {  // this group's grads, rounded once to the param dtype
-        gw1.narrow(0, k0, g).view({1, gH, D}).copy_(t1);
-        gw2.narrow(0, k0, g).copy_(t2);
-        gw3.narrow(0, k0, g).copy_(t3);
-      }
-    }
+// Per-chunk backward of a group's heads from dY: the weight and bias gradients accumulate into
+// the group's targets (`first`: the group's first chunk writes), dh of the chunk's tokens is
+// written by the first group and added to by the later ones.
+void chunk_backward(const ChunkBuffers& c, const Group& v, const Grads& gr, const at::Tensor& partial,
+                    int64_t m0, bool first, bool first_group, const Kernels& kern) {
+  const int64_t M = c.x.size(0), g = v.g, H = v.gH / v.g;
+  const int64_t tiles = (M + kColsumRows - 1) / kColsumRows;
+  auto qh = c.qh, p2h = c.p2h;
+  const auto part = partial.narrow(0, 0, tiles * v.gH).view({tiles, v.gH});  // [tiles, g*H]
+  gemm_acc(v.t3, c.yh.transpose(1, 2), c.qh, first);                         // dW3 (+)= dY^T S2     [g, C, H]
+  colsum_acc(v.gb3g, c.yb, first);                                           // db3 (+)= sum_m dY    [g*C]
+  bmm_into(qh, c.yh, v.w3g);                                                 // dS2 = dY W3          [g, M, H]
+  kern.silu_bwd(c.q, c.p2, v.b2g, part, false);                              // dZ2 = dS2 silu'(A2 + b2)
+  colsum_acc(v.gb2g, part, first);                                           // db2
+  bmm_into(p2h, c.qh, v.w2g);                                                // dS1 = dZ2 W2         [g, M, H]
+  kern.silu_bwd(c.p2, c.p1, v.b1g, part, true);                              // dA1 = dS1 silu'(A1 + b1); P1 <- S1
+  colsum_acc(v.gb1g, part, first);                                           // db1
+  gemm_acc(v.t2, c.qh.transpose(1, 2), per_head(c.p1, g, H), first);         // dW2 (+)= dZ2^T S1  [g, H, H]
+  gemm_acc(v.t1, c.p2.t().unsqueeze(0), c.x.unsqueeze(0), first);            // dW1 (+)= dA1^T x   [1, g*H, D]
+  auto dh_rows = gr.dh.narrow(0, m0, M);
+  if (first_group) {
+    at::mm_out(dh_rows, c.p2, v.W1g);  // dh = dA1 W1g (sums over the group's heads)  [M, D]
+  } else {
+    dh_rows.addmm_(c.p2, v.W1g);  // later groups add theirs
   }
-  acc1.reset();
-  acc2.reset();
-  acc3.reset();
+}
 
-  const auto loss_sum = row_loss.sum(0);         // [K]
-  const auto per_head_loss = loss_sum / denom;   // [K]; 0 for a head without valid positions
+// The op's results: total and per-head losses, and the gradients (empty without need_grad).
+std::vector<at::Tensor> results(const Plan& p, const at::Tensor& row_loss, const at::Tensor& coeffs,
+                                const at::Tensor& denom, const Grads& gr, bool need_grad,
+                                const at::TensorOptions& opts) {
+  const auto loss_sum = row_loss.sum(0);        // [K]
+  const auto per_head_loss = loss_sum / denom;  // [K]; 0 for a head without valid positions
   const auto total = (coeffs * per_head_loss).sum();
   if (!need_grad) {  // distinct empty tensors: outputs of a custom op must not alias each other
     std::vector<at::Tensor> out{total, per_head_loss};
     for (int i = 0; i < 7; ++i) out.push_back(at::empty({0}, opts));
     return out;
   }
-  if (n_chunks == 0) dh.zero_();
+  if (p.n_chunks == 0) gr.dh.zero_();
   return {total,
           per_head_loss,
-          dh.view({B, T, D}),
-          gw1,
-          gb1.to(dt).view({K, H}),
-          gw2,
-          gb2.to(dt).view({K, H}),
-          gw3,
-          gb3.to(dt).view({K, C})};
+          gr.dh.view({p.B, p.T, p.D}),
+          gr.gw1,
+          gr.gb1.to(p.dt).view({p.K, p.H}),
+          gr.gw2,
+          gr.gb2.to(p.dt).view({p.K, p.H}),
+          gr.gw3,
+          gr.gb3.to(p.dt).view({p.K, p.C})};
+}
+
+std::vector<at::Tensor> run(const Inputs& raw, int64_t chunk_tokens, int64_t group_heads, bool need_grad,
+                            bool check_table, bool cuda, const Kernels& kern) {
+  check_inputs(raw, cuda, chunk_tokens, check_table);
+  c10::DeviceGuard guard(raw.h.device());
+  const Inputs in{raw.h.contiguous(),  raw.w1.contiguous(),      raw.b1.contiguous(),
+                  raw.w2.contiguous(), raw.b2.contiguous(),      raw.w3.contiguous(),
+                  raw.b3.contiguous(), raw.teacher.contiguous(), raw.table.contiguous(),
+                  raw.coeffs};
+  const Plan p = plan_chunks(in.h, in.w1, in.w3, in.teacher, chunk_tokens, group_heads);
+  const auto opts = in.h.options();
+  const auto acc_opts = in.h.options().dtype(p.acc_dt);
+
+  // Per-head counts and loss weights from the table alone (device ops, no host sync).
+  const auto count = in.table.ge(0).sum(1).to(p.acc_dt).mul_(static_cast<double>(p.B));  // [K] N_k
+  const auto denom = count.clamp_min(1.0);                                                // [K]
+  const auto coeffs = raw.coeffs.to(p.acc_dt);                                            // [K]
+  const auto grad_w = coeffs.neg().div_(denom);                                           // [K] -coeff_k / N_k
+
+  const auto inv_tn = at::empty({p.B, p.S}, acc_opts);
+  if (inv_tn.numel() > 0) kern.teacher_inv_norm(in.teacher, inv_tn);
+  const auto row_loss = at::empty({p.N, p.K}, acc_opts);  // -cos per (token, head), every entry written
+
+  Grads gr = need_grad ? allocate_grads(p, opts, acc_opts) : Grads{};
+  {  // the loops; the workspace lives only in this scope
+    // Flat buffers; each (group, chunk) views their first M * g * X elements as [M, g*X].
+    const int64_t GH = p.G * p.H;
+    const auto P1 = at::empty({p.chunk * GH}, opts);
+    const auto P2 = at::empty({p.chunk * GH}, opts);
+    const auto Q = at::empty({p.chunk * GH}, opts);
+    const auto Yb = at::empty({p.chunk * p.G * p.C}, opts);
+    const int64_t max_tiles = (p.chunk + kColsumRows - 1) / kColsumRows;
+    const auto partial = need_grad ? at::empty({max_tiles * GH}, acc_opts) : at::Tensor();
+    const auto x_all = in.h.view({p.N, p.D});
+    auto rows = [](const at::Tensor& flat, int64_t M, int64_t cols) {
+      return flat.narrow(0, 0, M * cols).view({M, cols});
+    };
+
+    const int64_t groups_to_run = p.n_chunks > 0 ? p.n_groups : 0;  // no tokens: zero grads, nothing to run
+    for (int64_t gi = 0; gi < groups_to_run; ++gi) {
+      const Group v = group_view(p, gi, in, grad_w, gr, need_grad);
+      for (int64_t ci = 0; ci < p.n_chunks; ++ci) {
+        const int64_t m0 = ci * p.chunk, M = std::min(p.chunk, p.N - m0);
+        ChunkBuffers c;
+        c.x = x_all.narrow(0, m0, M);                                             // [M, D]
+        c.p1 = rows(P1, M, v.gH), c.p2 = rows(P2, M, v.gH), c.q = rows(Q, M, v.gH);  // [M, g*H]
+        c.yb = rows(Yb, M, v.gC);                                                 // [M, g*C]
+        c.p2h = per_head(c.p2, v.g, p.H), c.qh = per_head(c.q, v.g, p.H), c.yh = per_head(c.yb, v.g, p.C);
+        chunk_forward(c, v, p, m0, in.teacher, inv_tn, row_loss, need_grad, kern);
+        if (need_grad) chunk_backward(c, v, gr, partial, m0, /*first=*/ci == 0, /*first_group=*/gi == 0, kern);
+      }
+      if (need_grad && !p.direct) {  // this group's grads, rounded once to the param dtype
+        gr.gw1.narrow(0, v.k0, v.g).view({1, v.gH, p.D}).copy_(v.t1);
+        gr.gw2.narrow(0, v.k0, v.g).copy_(v.t2);
+        gr.gw3.narrow(0, v.k0, v.g).copy_(v.t3);
+      }
+    }
+  }
+  gr.acc1.reset();
+  gr.acc2.reset();
+  gr.acc3.reset();
+  return results(p, row_loss, coeffs, denom, gr, need_grad, opts);
 }
 
 std::vector<at::Tensor> fused_cpu(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1,

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mirai.checkpoint.files import HASH, CheckpointError, file_digest, write_text_atomic
+from mirai.io.torch_files import HASH, CheckpointError, file_digest, write_text_atomic
 
 FORMAT = "mirai-train-ckpt-v2"
 OLD_FORMATS = ("mirai-train-ckpt-v1",)          # readable; it records sizes only, no content hashes

@@ -4,7 +4,8 @@
     ForesightHeads(in_dim, out_dim, k, hidden=2048, kind="mlp")                    (heads.py)
     ForesightConfig, EncoderConfig                                                  (config.py)
     coefficients(cfg, step, total_steps, epoch) -> list[float]                      (schedules.py)
-    EMATeacher, PrecomputedFeatures, build_source                                   (sources.py)
+    ForesightSource, SourceMode, register, build_source, default_k                  (sources/: the interface and
+    EMATeacher, PrecomputedFeatures                                                  the registry by foresight.mode)
     EncoderTeacher, ENCODERS                                                        (encoders.py, timm imported lazily)
     ForesightObjective                                                              (objective.py)
 
@@ -17,10 +18,11 @@ from mirai.foresight.heads import ForesightHeads
 from mirai.foresight.neighbours import neighbour_table, offsets_2d, target_cells
 from mirai.foresight.objective import ForesightObjective, mtp_table
 from mirai.foresight.schedules import coefficients
-from mirai.foresight.sources import EMATeacher, PrecomputedFeatures, build_source
+from mirai.foresight.sources import (EMATeacher, ForesightSource, PrecomputedFeatures, SourceMode, build_source,
+                                     default_k, register)
 
 __all__ = [
     "ENCODERS", "EMATeacher", "EncoderConfig", "EncoderTeacher", "ForesightConfig", "ForesightHeads",
-    "ForesightObjective", "PrecomputedFeatures", "build_source", "coefficients", "mtp_table",
-    "neighbour_table", "offsets_2d", "target_cells",
+    "ForesightObjective", "ForesightSource", "PrecomputedFeatures", "SourceMode", "build_source", "coefficients",
+    "default_k", "mtp_table", "neighbour_table", "offsets_2d", "register", "target_cells",
 ]

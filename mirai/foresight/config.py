@@ -1,6 +1,7 @@
 """``ForesightConfig``: every switch of the Mirai method (the ``foresight`` section of a run config).
 
-Fields left at ``None`` take mode-dependent defaults in ``resolve(model_cfg)``:
+Fields left at ``None`` take mode-dependent defaults in ``resolve(model_cfg)``, read from the mode's
+registration (``mirai.foresight.sources.registry``; ``default_k(mode)`` is the one default K):
 
 ================  ===========================  ============================
 field             Mirai-E (mode="ema")         Mirai-I (mode="encoder")
@@ -25,13 +26,12 @@ import os
 from dataclasses import dataclass, field
 
 from mirai.foresight.neighbours import LAYOUTS
+from mirai.ops.backends import BACKENDS
 
-MODES = ("none", "ema", "encoder")
 HEAD_KINDS = ("mlp", "transformer")
 SCHEDULES = ("const", "step", "cosine")
 INJECTIONS = ("internal", "output")
 TEACHERS = ("online", "static")
-BACKENDS = ("auto", "fused", "reference")
 TARGET_DTYPES = ("bf16", "fp32")
 MAX_HEADS = 16          # the documented range of K is 1 .. 16 (the largest the paper studies)
 
@@ -51,7 +51,7 @@ class EncoderConfig:
     256 for patch 16). When set it must give a patch grid equal to the token grid."""
     block_causal: int = 0
     """Block size (in patches, raster order) of a block-causal self-attention mask inside the encoder
-    (issue 9 diagnostic); 0 = the normal bidirectional encoder."""
+    (a diagnostic); 0 = the normal bidirectional encoder."""
 
 
 @dataclass
@@ -60,7 +60,8 @@ class ForesightConfig:
 
     mode: str = "none"
     """"none" (plain LlamaGen), "ema" (Mirai-E: EMA of the model's own first layers) or
-    "encoder" (Mirai-I: frozen bidirectional encoder, or its precomputed features)."""
+    "encoder" (Mirai-I: frozen bidirectional encoder, or its precomputed features); any mode registered in
+    ``mirai.foresight.sources``."""
     k: int | None = None
     """Number of foresight heads K (1 .. 16, the paper's range); None = 3 for ema, 1 for encoder."""
     layer: int | None = None
@@ -97,8 +98,6 @@ class ForesightConfig:
     warmup_epochs: int | None = None
     """No foresight term for the first warmup_epochs epochs (heads still exist and get zero
     gradients); None = 15 for ema, 0 for encoder."""
-    ema_decay: float = 0.9999
-    """Decay tau of the EMA whose first layers are the Mirai-E teacher."""
     injection: str = "internal"
     """"internal": align the hidden state at ``layer`` (Mirai). "output": the multi-token-prediction
     ablation, K extra output heads on the final hidden state with cross-entropy on the future
@@ -110,7 +109,8 @@ class ForesightConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """The Mirai-I encoder."""
     use_precomputed_features: bool = False
-    """Mirai-I: read the encoder's patch features from the code store instead of running it."""
+    """Mirai-I: read the encoder's patch features from the code store (the loader then reads them) instead of
+    running the encoder online on ``data.images``."""
     target_dtype: str = "fp32"
     """Precision of the targets: "fp32" (default, the released code's numerics) keeps the Mirai-E teacher's and
     the online encoder's weights in fp32 (the online Mirai-E teacher IS the fp32 EMA, no rounded copy), runs
@@ -128,23 +128,30 @@ class ForesightConfig:
         return self.mode != "none"
 
     @property
+    def reads_features(self) -> bool:
+        """The run reads the code store's encoder features (the source of mode "encoder" with
+        ``use_precomputed_features``, ``mirai.foresight.sources.features``)."""
+        return self.mode == "encoder" and self.injection == "internal" and self.use_precomputed_features
+
+    @property
     def source(self) -> str:
-        """Neighbour-table source: "ema" or "encoder" (the mode, when enabled)."""
-        return "encoder" if self.mode == "encoder" else "ema"
+        """Neighbour-table source: "ema" (rows are sequence positions) or "encoder" (grid cells), the mode's."""
+        return _mode(self.mode).table_source
 
     def resolve(self, model_cfg) -> "ForesightConfig":
         """A validated copy with every ``None`` default filled in for this model."""
         self.validate(model_cfg)
         n_layer = int(model_cfg.n_layer)
-        k = self.k if self.k is not None else (1 if self.mode == "encoder" else 3)
+        mode = _mode(self.mode)
+        k = self.k if self.k is not None else mode.default_k
         layer = self.layer if self.layer is not None else default_layer(n_layer)
         if self.head_out is not None:
             head_out = self.head_out
-        elif self.mode == "encoder" and self.injection == "internal":
-            head_out = encoder_dim(self.encoder.name)
+        elif self.injection == "internal":
+            head_out = mode.target_width(self, model_cfg)
         else:
             head_out = int(model_cfg.dim)
-        warm = self.warmup_epochs if self.warmup_epochs is not None else (0 if self.mode == "encoder" else 15)
+        warm = self.warmup_epochs if self.warmup_epochs is not None else mode.default_warmup_epochs
         return dataclasses.replace(
             self, k=k, layer=layer, teacher_layer=self.teacher_layer or layer, head_out=head_out,
             warmup_epochs=warm, lambdas=per_head(self.lambdas, k, "lambdas"),
@@ -160,7 +167,7 @@ class ForesightConfig:
             if value not in options:
                 bad(name, f"must be one of {options}, got {value!r}")
 
-        choice("mode", self.mode, MODES)
+        _mode(self.mode)                                  # ValueError "foresight.mode: must be one of ..."
         choice("layout", self.layout, LAYOUTS)
         choice("head_kind", self.head_kind, HEAD_KINDS)
         choice("schedule", self.schedule, SCHEDULES)
@@ -171,7 +178,7 @@ class ForesightConfig:
         if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool)
                                    or not 1 <= self.k <= MAX_HEADS):
             bad("k", f"must be an int in 1 .. {MAX_HEADS} (number of foresight heads), got {self.k!r}")
-        k = self.k if self.k is not None else (1 if self.mode == "encoder" else 3)
+        k = self.k if self.k is not None else _mode(self.mode).default_k
         if not isinstance(self.head_hidden, int) or self.head_hidden < 1:
             bad("head_hidden", f"must be a positive int, got {self.head_hidden!r}")
         if self.head_out is not None and (not isinstance(self.head_out, int) or self.head_out < 1):
@@ -185,8 +192,6 @@ class ForesightConfig:
             bad("switch_frac", f"must lie in [0, 1], got {self.switch_frac!r}")
         if self.warmup_epochs is not None and (not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0):
             bad("warmup_epochs", f"must be an int >= 0 or null, got {self.warmup_epochs!r}")
-        if not 0.0 <= float(self.ema_decay) < 1.0:
-            bad("ema_decay", f"must lie in [0, 1), got {self.ema_decay!r}")
         if self.encoder.block_causal < 0:
             bad("encoder.block_causal", f"must be >= 0 (0 = off), got {self.encoder.block_causal!r}")
         if self.mode == "none":
@@ -223,6 +228,12 @@ class ForesightConfig:
                 bad("encoder.image_size", f"{self.encoder.image_size} px with patch {patch} gives a "
                                           f"{self.encoder.image_size / patch:g}-wide patch grid, the token grid is "
                                           f"{grid}: use {patch * grid}")
+
+
+def _mode(name: str):
+    """The registration of mode ``name`` (``mirai.foresight.sources.registry``)."""
+    from mirai.foresight.sources import source_mode
+    return source_mode(name)
 
 
 def default_layer(n_layer: int) -> int:

@@ -23,7 +23,7 @@ tokens [B, T, C] (class and register tokens dropped). ``dtype`` (``foresight.tar
 bf16 weights, a pure bf16 pass and bf16 tokens; fp32 = fp32 weights, a pass under bf16 autocast (bf16
 matmuls, fp32 residual stream and norms) and fp32 tokens.
 
-``block_causal = b > 0`` (issue 9 diagnostic) restricts every self-attention layer with an
+``block_causal = b > 0`` (a diagnostic) restricts every self-attention layer with an
 explicit additive mask: patch i (raster order) attends to patch j iff j // b <= i // b; the
 prefix tokens (class, registers) count as part of the first block (they see the prefix and the
 first block's patches, and every patch sees them), so no information from block m reaches any
@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mirai.foresight.sources.protocol import ForesightSource
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,7 +120,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
             raise ValueError(f"encoder weights {f}: unreadable ({type(err).__name__}: {err})") from err
     else:                                            # weights-only; refused (naming the type) if unsafe
-        from mirai.checkpoint import load_file
+        from mirai.io.torch_files import load_file
         sd = load_file(f)
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -173,7 +175,7 @@ class _MaskedAttention(nn.Module):
         return a.proj_drop(a.proj(y)) if hasattr(a, "proj_drop") else a.proj(y)
 
 
-class EncoderTeacher(nn.Module):
+class EncoderTeacher(nn.Module, ForesightSource):
     """Frozen timm encoder producing foresight targets [B, T, C]; see the module docstring.
 
     Args:
@@ -267,6 +269,22 @@ class EncoderTeacher(nn.Module):
         return tokens[:, self.num_prefix_tokens:]                        # [B, T, C]
 
     forward = targets
+
+    # ------------------------------------------------------------------ ForesightSource (mode "encoder", online)
+    batch_keys = ("images",)
+
+    def targets_for(self, batch: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
+        if "images" not in batch:
+            raise ValueError(f"foresight source EncoderTeacher: the batch has no 'images' (keys {sorted(batch)}); "
+                             "Mirai-I needs foresight.use_precomputed_features or data.images")
+        return self(batch["images"])           # through the compiled graph when compiled; [B, T, C] raster cells
+
+    def compile_for_training(self, scope: str) -> None:
+        self.compile(dynamic=False)            # one graph, preprocessing included
+
+    def flops(self, gpt_config, cfg):
+        from mirai.foresight.sources.encoder import encoder_flops
+        return encoder_flops(gpt_config, cfg, count_encoder=True)
 
 
 def _load_into(model: nn.Module, weights_file: Path) -> None:

@@ -5,7 +5,8 @@
 
 kind "mlp" (the paper's head, default): head k computes
 ``y = W3_k silu(W2_k silu(W1_k x + b1_k) + b2_k) + b3_k``. The K heads' parameters are STACKED
-so batched GEMMs use them directly (the fused kernel in ``mirai.ops.foresight`` reads them too):
+so batched GEMMs use them directly (``mirai.ops.reference.mlp_heads_reference`` is the forward; the fused
+kernel in ``mirai.ops.foresight`` reads them too):
 
     w1 [K, hidden, in_dim]   b1 [K, hidden]
     w2 [K, hidden, hidden]   b2 [K, hidden]
@@ -39,6 +40,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mirai.ops.reference import mlp_heads_reference
 
 HEAD_KINDS = ("mlp", "transformer")
 
@@ -126,24 +129,9 @@ class ForesightHeads(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() != 3 or h.shape[-1] != self.in_dim:
             raise ValueError(f"ForesightHeads: h must be [B, T, {self.in_dim}], got {tuple(h.shape)}")
-        b, t, d = h.shape
         if self.kind == "transformer":
             return torch.stack([blk(h) for blk in self.blocks])         # [K, B, T, C]
-        x = h.reshape(1, b * t, d).to(self.w1.dtype)                     # [1, N, D]
-        x = x.expand(self.k, b * t, d)                                   # [K, N, D] (stride-0 batch)
-        y = F.silu(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1.transpose(1, 2)))   # [K, N, H]
-        y = F.silu(torch.baddbmm(self.b2.unsqueeze(1), y, self.w2.transpose(1, 2)))   # [K, N, H]
-        y = torch.baddbmm(self.b3.unsqueeze(1), y, self.w3.transpose(1, 2))           # [K, N, C]
-        return y.view(self.k, b, t, self.out_dim)                        # [K, B, T, C]
-
-    def head_forward(self, j: int, h: torch.Tensor) -> torch.Tensor:
-        """Head j alone, written with plain per-head linear algebra: [B, T, D] -> [B, T, C].
-        Used by tests as the obviously-correct per-head form."""
-        if self.kind == "transformer":
-            return self.blocks[j](h)
-        x = F.silu(F.linear(h.to(self.w1.dtype), self.w1[j], self.b1[j]))
-        x = F.silu(F.linear(x, self.w2[j], self.b2[j]))
-        return F.linear(x, self.w3[j], self.b3[j])
+        return mlp_heads_reference(h, self.w1, self.b1, self.w2, self.b2, self.w3, self.b3)   # [K, B, T, C]
 
     def extra_repr(self) -> str:
         return f"k={self.k}, in_dim={self.in_dim}, out_dim={self.out_dim}, hidden={self.hidden}, kind={self.kind!r}"

@@ -6,7 +6,7 @@ engine; the teacher source (``mirai.foresight.sources``) stays outside. Per step
     coeffs = objective.coefficients(step, total_steps, epoch)         # host floats, no sync
     out = gpt(idx, cond_idx, targets=tokens, hidden_layers=objective.hidden_layers)
     if objective.active(coeffs) and objective.needs_teacher:
-        teacher = source.targets(...)                                  # [B, S, C] bf16, no grad
+        teacher = source.targets_for(batch, gpt)                      # [B, S, C], no grad (sources/)
     total, per_head = objective(objective.select_hidden(out), teacher, coeffs, tokens=tokens)
     loss = out.loss + total
 
@@ -27,8 +27,8 @@ While every coefficient is 0 (warm-up) the forward skips all work and returns a 
 still connected to every head parameter (zero gradients), so DeepSpeed / DDP see every parameter
 used on every step and checkpoints keep one shape.
 
-Under ZeRO-3 the fused op reads the stacked head weights directly (not through ``heads.forward``),
-so call ``register_zero3_external_params()`` once after building the engine's module.
+The fused op reads the stacked head weights directly (not through ``heads.forward``): an engine that
+gathers partitioned parameters per module registers them (``Engine.register_external_params``).
 """
 from __future__ import annotations
 
@@ -104,6 +104,7 @@ class ForesightObjective(nn.Module):
     # ------------------------------------------------------------------ what the trainer asks
     @property
     def needs_teacher(self) -> bool:
+        """True when the loss reads teacher targets (injection "internal"); the MTP ablation reads tokens."""
         return self.injection == "internal"
 
     @property
@@ -124,14 +125,6 @@ class ForesightObjective(nn.Module):
         if isinstance(coeffs, torch.Tensor):
             return True                     # a device tensor cannot be inspected without a sync
         return any(float(c) != 0.0 for c in coeffs)
-
-    def register_zero3_external_params(self) -> None:
-        """Under ZeRO-3: let DeepSpeed gather the head weights for this module's forward (the fused
-        op reads them without calling ``heads.forward``)."""
-        import deepspeed  # deepspeed.zero is an attribute of the package, not an importable module path
-
-        for p in self.parameters():
-            deepspeed.zero.register_external_parameter(self, p)
 
     # ------------------------------------------------------------------ the loss
     def forward(self, hidden: torch.Tensor, teacher: torch.Tensor | None = None,

@@ -32,13 +32,15 @@ def schedule_value(start: float, end: float, kind: str, progress: float, switch_
 
 def warmup_active(cfg: ForesightConfig, epoch: int) -> bool:
     """True while the warm-up gate holds the foresight term at zero."""
-    warm = cfg.warmup_epochs if cfg.warmup_epochs is not None else (0 if cfg.mode == "encoder" else 15)
+    from mirai.foresight.sources import source_mode
+    warm = cfg.warmup_epochs if cfg.warmup_epochs is not None else source_mode(cfg.mode).default_warmup_epochs
     return epoch < warm
 
 
 def coefficients(cfg: ForesightConfig, step: int, total_steps: int, epoch: int) -> list[float]:
     """Per-head λ_k at ``step`` of ``total_steps`` (in epoch ``epoch``); zeros during warm-up."""
-    k = cfg.k if cfg.k is not None else (1 if cfg.mode == "encoder" else 3)
+    from mirai.foresight.sources import default_k
+    k = cfg.k if cfg.k is not None else default_k(cfg.mode)
     if not cfg.enabled:
         return [0.0] * k
     if total_steps <= 0:

@@ -236,7 +236,7 @@ class InceptionV3(nn.Module):
 
 def load_inception(path: str | os.PathLike | None = None, device="cpu") -> InceptionV3:
     """Build the network and load local weights (see ``find_inception_weights``)."""
-    from mirai.checkpoint import load_file
+    from mirai.io.torch_files import load_file
     f = find_inception_weights(path)
     sd = load_file(f)                  # weights-only; a ValueError naming the file if unreadable or unsafe
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):

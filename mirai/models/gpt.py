@@ -15,13 +15,13 @@ in raster order); position t predicts x_t. ``forward`` (the only training entry 
 ``GPTOutput`` in train and eval mode alike:
 
   logits        [B, T, V] in the output layer's dtype (bf16 under autocast), or None when
-                ``return_logits=False``, when ``upto_layer`` is set, or when the fused loss computed
-                the loss (``targets`` given and ``config.fused_ce`` or ``return_logits=False``).
+                ``return_logits=False`` or when ``upto_layer`` is set.
   loss          mean cross-entropy over ``targets [B, T]`` computed in float32 (ignore_index -100), or None.
-                Plain path: ``F.cross_entropy(logits.float())``. Fused path (``GPTConfig.fused_ce``, or
-                targets with ``return_logits=False``): ``output(final_hidden, targets)`` runs the chunked
-                linear + cross-entropy of mirai/ops/linear_ce.py, same value and gradients without the
-                [B, T, V] fp32 logits.
+                Plain path (``return_logits=True``): ``F.cross_entropy(logits.float())``. Fused path
+                (targets with ``return_logits=False``, what the trainer's ``train.fused_ce`` asks for):
+                ``output(final_hidden, targets)`` runs the chunked linear + cross-entropy of
+                mirai/ops/linear_ce.py (its row pass: the ``ce_backend`` the model was built with), same
+                value and gradients without the [B, T, V] fp32 logits.
   hidden        {l: [B, T, dim]} residual stream after block l (1-based) for l in ``hidden_layers``;
                 with ``upto_layer=l`` it always holds l.
   final_hidden  [B, T, dim] after the final RMSNorm, before ``output``; None with ``upto_layer``.
@@ -92,20 +92,21 @@ class GPTConfig:
     block_size: int = 256               # image tokens per image = grid_size**2 = sequence length T
     attn_backend: str = "sdpa"          # "sdpa" or "flash_attn" (see attention.py)
     norm_impl: str = "auto"             # RMSNorm kernel: "auto" (apex if importable), "torch" or "apex"
-    fused_ce: bool = False              # forward with targets computes the loss with the chunked fused
-                                        # linear + cross-entropy (mirai/ops/linear_ce.py) and returns
-                                        # logits=None: no [B, T, V] fp32 logits in training
     fused_ce_chunk_size: int = 2048     # tokens per chunk of the fused loss (memory ~ chunk * V * 8 bytes)
 
     def __post_init__(self) -> None:
         g = math.isqrt(self.block_size)
         if g * g != self.block_size:
             raise ValueError(f"GPTConfig.block_size={self.block_size} must be a square (grid_size**2)")
+        for name in ("dim", "n_layer", "n_head", "num_classes", "vocab_size", "fused_ce_chunk_size"):
+            if getattr(self, name) < (2 if name == "vocab_size" else 1):
+                raise ValueError(f"GPTConfig.{name} must be >= {2 if name == 'vocab_size' else 1}, "
+                                 f"got {getattr(self, name)}")
         if self.dim % self.n_head != 0:
             raise ValueError(f"GPTConfig.dim={self.dim} must be divisible by n_head={self.n_head}")
         if self.head_dim % 4 != 0:
-            raise ValueError(f"GPTConfig: head_dim = dim // n_head = {self.head_dim} must be divisible by 4 "
-                             "for 2D RoPE")
+            raise ValueError(f"GPTConfig.dim={self.dim}: head_dim = dim // n_head = {self.head_dim} must be "
+                             "divisible by 4 for 2D RoPE")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head != 0:
             raise ValueError(f"GPTConfig.n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.cls_token_num != 1:
@@ -120,9 +121,6 @@ class GPTConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"GPTConfig.{name}={p} must be in [0, 1)")
-        for name in ("dim", "n_layer", "n_head", "num_classes", "vocab_size", "fused_ce_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def grid_size(self) -> int:
@@ -206,13 +204,13 @@ class FeedForward(nn.Module):
 class OutputHead(nn.Linear):
     """The output layer ``[V, dim]`` (no bias): ``head(h)`` gives logits ``[..., V]``; ``head(h, targets)``
     gives the mean cross-entropy (fp32) by the fused chunked op, without the logits. The loss goes
-    through this module's ``__call__`` so that per-module parameter gathering (DeepSpeed ZeRO-3 hooks)
+    through this module's ``__call__`` so that per-module parameter gathering (an engine's partitioned-parameter hooks)
     sees the weight. State-dict name unchanged (``output.weight``)."""
 
     def __init__(self, dim: int, vocab_size: int, chunk_size: int = 2048, ce_backend: str = "auto"):
         super().__init__(dim, vocab_size, bias=False)
         self.chunk_size = chunk_size
-        self.ce_backend = ce_backend       # linear_cross_entropy's row-pass backend (the trainer sets it)
+        self.ce_backend = ce_backend       # linear_cross_entropy's row-pass backend (train.ce_backend)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
@@ -286,7 +284,9 @@ class LabelEmbedder(nn.Module):
 class Transformer(nn.Module):
     """LlamaGen c2i GPT. See the module docstring for the forward contract."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, ce_backend: str = "auto"):
+        """``ce_backend``: the fused loss's row pass (``mirai.ops.linear_ce``: "auto", "kernel" or "torch"); how the
+        loss runs, not what the model is, so not a GPTConfig field (checkpoints do not record it)."""
         super().__init__()
         self.config = config
         self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
@@ -296,7 +296,7 @@ class Transformer(nn.Module):
         rates = [config.drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
         self.layers = nn.ModuleList(TransformerBlock(config, r) for r in rates)
         self.norm = RMSNorm(config.dim, config.norm_eps, config.norm_impl)
-        self.output = OutputHead(config.dim, config.vocab_size, config.fused_ce_chunk_size)
+        self.output = OutputHead(config.dim, config.vocab_size, config.fused_ce_chunk_size, ce_backend)
         # RoPE (cos, sin) table [1 + N, head_dim/2, 2]; float32, not in the state dict (see _apply)
         self.register_buffer("freqs_cis", self._rope_table(), persistent=False)
         self.activation_checkpointing = False
@@ -330,9 +330,6 @@ class Transformer(nn.Module):
     def enable_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in the backward pass (training with grad only)."""
         self.activation_checkpointing = bool(enabled)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     # ---- sequence layout (PAR overrides these)
     @property
@@ -404,7 +401,7 @@ class Transformer(nn.Module):
                              f"{'' if upto_layer is None else f', upto_layer={upto_layer}'})")
         if upto_layer is not None and targets is not None:
             raise ValueError("targets with upto_layer: the truncated pass has no logits, hence no loss")
-        fused = targets is not None and (self.config.fused_ce or not return_logits)
+        fused = targets is not None and not return_logits
 
         cond = self.cls_embedding(cond_idx, train=self.training, drop_mask=drop_labels)   # [B, 1, D]
         h = self.tok_dropout(self._embed_tokens(idx, cond))                                 # [B, T, D]
@@ -525,12 +522,18 @@ _ARCHS: dict[str, dict] = {
 }
 
 
+#: GPTConfig fields older versions recorded in checkpoints and exports, ignored when such a config is read:
+#: fused_ce (the fused loss is chosen per call, ``return_logits=False``; the trainer's switch is train.fused_ce)
+RETIRED_FIELDS = ("fused_ce",)
+
+
 def registered_config(cls: type, archs: dict[str, dict], kind: str, name: str, overrides: dict):
     """``cls`` (a config dataclass) of the model ``name`` in the registry ``archs`` with field overrides;
     unknown names and fields raise errors that list the known ones (``kind``: "GPT", "PAR")."""
     if name not in archs:
         raise KeyError(f"unknown {kind} model {name!r}; known: {sorted(archs)}")
     names = {f.name for f in fields(cls)}
+    overrides = {k: v for k, v in overrides.items() if k not in RETIRED_FIELDS}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise TypeError(f"unknown {cls.__name__} field(s) {unknown} for model {name!r}; fields: {sorted(names)}")
@@ -543,8 +546,8 @@ def gpt_config(name: str, **overrides) -> GPTConfig:
 
 
 def _factory(name: str) -> Callable[..., Transformer]:
-    def build(**overrides) -> Transformer:
-        return Transformer(gpt_config(name, **overrides))
+    def build(ce_backend: str = "auto", **overrides) -> Transformer:
+        return Transformer(gpt_config(name, **overrides), ce_backend=ce_backend)
     build.__name__ = name.replace("-", "_")
     build.__doc__ = f"{name}: {_ARCHS[name]} plus GPTConfig overrides."
     return build
@@ -553,11 +556,12 @@ def _factory(name: str) -> Callable[..., Transformer]:
 GPT_models: dict[str, Callable[..., Transformer]] = {name: _factory(name) for name in _ARCHS}
 
 
-def build_gpt(name: str, **overrides) -> Transformer:
-    """Build a registered model: GPT-* here, PAR-* from mirai.models.par (same forward contract)."""
+def build_gpt(name: str, ce_backend: str = "auto", **overrides) -> Transformer:
+    """Build a registered model: GPT-* here, PAR-* from mirai.models.par (same forward contract).
+    ``ce_backend``: the fused loss's row pass (see ``Transformer``); ``overrides``: config fields."""
     if name in GPT_models:
-        return GPT_models[name](**overrides)
+        return GPT_models[name](ce_backend=ce_backend, **overrides)
     from mirai.models.par import PAR_models          # imported here: par.py builds on this module
     if name in PAR_models:
-        return PAR_models[name](**overrides)
+        return PAR_models[name](ce_backend=ce_backend, **overrides)
     raise KeyError(f"unknown model {name!r}; known: {sorted(GPT_models) + sorted(PAR_models)}")

@@ -54,10 +54,11 @@ class PARConfig(GPTConfig):
         if r * r != self.num_regions or self.num_regions < 4:
             raise ValueError(f"PARConfig.num_regions={self.num_regions} must be a square >= 4 (4, 16, ...)")
         if self.grid_size % r != 0:
-            raise ValueError(f"PARConfig: grid_size {self.grid_size} (block_size {self.block_size}) must be "
-                             f"divisible by sqrt(num_regions) = {r}")
+            raise ValueError(f"PARConfig.num_regions={self.num_regions}: the token grid side {self.grid_size} "
+                             f"(block_size {self.block_size}) must be divisible by sqrt(num_regions) = {r}")
         if self.block_size < 2 * self.num_regions:
-            raise ValueError(f"PARConfig: block_size {self.block_size} must be >= 2 * num_regions")
+            raise ValueError(f"PARConfig.num_regions={self.num_regions} needs at least {2 * self.num_regions} "
+                             f"tokens, block_size is {self.block_size}")
         if self.attn_backend != "sdpa":
             raise ValueError("PARConfig.attn_backend must be 'sdpa': PAR's block-causal mask is not a "
                              "plain causal mask")
@@ -119,35 +120,16 @@ def par_rope_index(grid_size: int, num_regions: int) -> torch.Tensor:
     return rows
 
 
-def remap_neighbour_table(table: torch.Tensor, grid_size: int, num_regions: int,
-                          values: str = "position") -> torch.Tensor:
-    """Turn a raster-order foresight table ``[K, N]`` (entry [k, c]: the teacher index for the student
-    position predicting cell c, or -1) into PAR sequence order.
-
-    values="position": entries are teacher *sequence* positions (a PAR EMA teacher, whose position t
-    predicts cell order[t]); they are mapped cell -> PAR position. values="cell": entries index raster
-    features (an encoder's patch grid) and are kept.
-    """
-    order = par_order(grid_size, num_regions).to(table.device)
-    out = table[:, order]                                     # [K, N] rows now in sequence order
-    if values == "cell":
-        return out
-    if values != "position":
-        raise ValueError(f"values must be 'position' or 'cell', got {values!r}")
-    inverse = par_cell_to_position(grid_size, num_regions).to(table.device)
-    return torch.where(out >= 0, inverse[out.clamp(min=0)], out)
-
-
 # --------------------------------------------------------------------------- model
 
 
 class PARTransformer(Transformer):
     """LlamaGen GPT with PAR's token order, transition tokens and block-causal attention."""
 
-    def __init__(self, config: PARConfig):
+    def __init__(self, config: PARConfig, ce_backend: str = "auto"):
         if not isinstance(config, PARConfig):
             raise TypeError(f"PARTransformer needs a PARConfig, got {type(config).__name__}")
-        super().__init__(config)
+        super().__init__(config, ce_backend)
         G, n = config.grid_size, config.num_regions
         self.transition_tokens = nn.Parameter(torch.empty(n - 1, config.dim))
         nn.init.normal_(self.transition_tokens, std=config.initializer_range)
@@ -239,8 +221,8 @@ def par_config(name: str, **overrides) -> PARConfig:
 
 
 def _factory(name: str) -> Callable[..., PARTransformer]:
-    def build(**overrides) -> PARTransformer:
-        return PARTransformer(par_config(name, **overrides))
+    def build(ce_backend: str = "auto", **overrides) -> PARTransformer:
+        return PARTransformer(par_config(name, **overrides), ce_backend=ce_backend)
     build.__name__ = name.replace("-", "_")
     build.__doc__ = f"{name}: {_PAR_ARCHS[name]} plus PARConfig overrides (num_regions=4 by default)."
     return build

@@ -14,7 +14,7 @@ API used by the rest of the project (the ``Tokenizer`` protocol):
   ``codebook_size``, ``downsample`` and ``grid(image_size) -> h`` (h = image_size // downsample;
   never assumed to be 16: 384 px gives 24).
 
-``PatchKMeansTokenizer`` is the demo's tokenizer (issue 8): a k-means codebook of P x P pixel
+``PatchKMeansTokenizer`` is the demo's tokenizer: a k-means codebook of P x P pixel
 patches; encode = nearest codeword per patch, decode = paste the codewords back. It saves to and
 loads from a small ``.pt`` file. ``load_tokenizer`` opens either kind of file.
 """
@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mirai.checkpoint import LLAMAGEN_TYPES, CheckpointError, UnsafeFileError, load_file, state_dict_mismatch
+from mirai.io.state_dicts import state_dict_mismatch
+from mirai.io.torch_files import LLAMAGEN_TYPES, CheckpointError, UnsafeFileError, load_file
 
 __all__ = [
     "VQConfig", "VQModel", "VQ_models", "build_vq", "load_vq", "VQCheckpointError",

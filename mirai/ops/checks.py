@@ -23,3 +23,16 @@ def check_entry(op: str, name: str, i: int, t: torch.Tensor, dtypes: tuple[torch
                          f"{list(refs[i].shape)}; shapes must match per index")
     if not t.is_contiguous():
         raise ValueError(f"{op}: {name}[{i}] must be contiguous")
+
+
+def table_range_error(table: torch.Tensor, s: int) -> str | None:
+    """The foresight ops' table contract, values in [-1, S) (S = teacher.size(1), -1 = no target): None when
+    ``table`` keeps it, else the message (the words of the extension's ``TORCH_CHECK`` in csrc/foresight).
+    One reduction; on a GPU it syncs the host, so callers check a table once, not every step."""
+    if table.numel() == 0:
+        return None
+    lo, hi = (int(v) for v in torch.aminmax(table))
+    if lo >= -1 and hi < s:
+        return None
+    return (f"table values must lie in [-1, S) = [-1, {s}) (S = teacher.size(1); -1 means no target), "
+            f"got values in [{lo}, {hi}]")

@@ -9,8 +9,9 @@ group_heads=None, memory_budget=None) -> (total, per_head)`` computes the same n
                   (fp32, norms clamped at eps = 1e-6 as F.normalize does; 0 for a head without targets)
     total       = sum_k coeffs[k] * per_head[k]
 
-Shapes and dtypes: h [B, T, D]; heads a ``mirai.foresight.ForesightHeads`` of kind "mlp"
-(stacked parameters w1 [K, H, D], b1 [K, H], w2 [K, H, H], b2 [K, H], w3 [K, C, H], b3 [K, C]);
+Shapes and dtypes: h [B, T, D]; heads any module with ``kind == "mlp"`` and the stacked parameters
+w1 [K, H, D], b1 [K, H], w2 [K, H, H], b2 [K, H], w3 [K, C, H], b3 [K, C] (``mirai.foresight.ForesightHeads``;
+the op reads the tensors only, and the reference path calls ``heads(h)``);
 teacher [B, S, C] (never receives a gradient); table [K, T] int64 with values in [-1, S)
 (-1: no target); coeffs [K] (tensor or sequence of floats; no gradient). h is cast to the
 parameters' dtype (as ``ForesightHeads.forward`` does); under bf16 autocast, fp32 head parameters are
@@ -34,8 +35,8 @@ and repeated backwards work). Peak extra memory is the gradients themselves plus
 ``plan_bytes`` of the schedule: 3 * chunk * G * H + chunk * G * C workspace elements and, with
 several chunks, 4 * G * H * (D + H + C) bytes of accumulators. ``fused_plan`` picks the
 schedule with the fewest iterations within ``DEFAULT_MEMORY_BUDGET`` (or ``memory_budget``).
-The head parameters are read directly (``heads.forward`` is not called), so under ZeRO-3 they
-must be gathered by the caller.
+The head parameters are read directly (``heads.forward`` is not called), so an engine that
+partitions parameters must gather them for the caller (``Engine.register_external_params``).
 
 Backends: ``"fused"`` uses the CUDA kernels for CUDA tensors and the C++ CPU kernels for CPU
 tensors (``mirai._C``) and raises a clear error when they cannot run (the CUDA kernels run on a
@@ -59,8 +60,8 @@ import torch
 from torch import Tensor
 
 from mirai import _ext
-
-BACKENDS = ("auto", "fused", "reference")
+from mirai.ops.backends import BACKENDS
+from mirai.ops.checks import table_range_error
 
 # Memory budget of the fused op when its schedule is not given: workspace buffers plus fp32
 # weight-gradient accumulators, beyond the outputs (the gradients). ``fused_plan`` picks the
@@ -108,10 +109,9 @@ def _foresight_fused(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, 
         # The range check runs here rather than in C++: a TORCH_CHECK thrown from the CUDA host path
         # after the reduction crashed the process on the H100 test machine (torch 2.11) instead of
         # raising. One reduction + host sync, cached per table object (see _table_needs_check).
-        lo, hi = (int(v) for v in torch.aminmax(table))
-        if lo < -1 or hi >= s:
-            raise RuntimeError(f"foresight_loss: table values must lie in [-1, S) = [-1, {s}) (S = teacher.size(1); "
-                               f"-1 means no target), got values in [{lo}, {hi}]")
+        bad = table_range_error(table, s)
+        if bad:
+            raise RuntimeError(f"foresight_loss: {bad}")
     out = fn(h, w1, b1, w2, b2, w3, b3, teacher, table, coeffs, chunk_tokens, group_heads, need_grad, False)
     if check:
         _mark_table_checked(table, s)
@@ -192,13 +192,12 @@ def _check_kernels(device: str) -> str:
     masked target row, all heads at once and one head at a time over three chunks: "" when the loss
     and every gradient agree, else why not. The caller's RNG state, autocast and grad mode are left
     as they were."""
-    from mirai.foresight.heads import ForesightHeads
     from mirai.ops.reference import foresight_loss_reference
 
     gen = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        heads = ForesightHeads(32, 48, 3, hidden=64).to(device)
+        heads = _StackedMLPHeads(32, 48, 3, hidden=64).to(device)
     h = torch.randn(2, 16, 32, generator=gen).to(device)
     teacher = torch.randn(2, 16, 48, generator=gen).to(device)
     table = torch.randint(0, 16, (3, 16), generator=gen)
@@ -227,6 +226,28 @@ def _check_kernels(device: str) -> str:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return ""
+
+
+class _StackedMLPHeads(torch.nn.Module):
+    """K MLP heads in the stacked layout the op reads (``mirai.foresight.ForesightHeads``'s, with its default
+    init: N(0, 0.02) weights, zero biases), for the self-check; forward: ``mlp_heads_reference``."""
+
+    kind = "mlp"
+
+    def __init__(self, in_dim: int, out_dim: int, k: int, hidden: int):
+        super().__init__()
+        shapes = {"w1": (k, hidden, in_dim), "b1": (k, hidden), "w2": (k, hidden, hidden), "b2": (k, hidden),
+                  "w3": (k, out_dim, hidden), "b3": (k, out_dim)}
+        for name in _HEAD_PARAMS:
+            setattr(self, name, torch.nn.Parameter(torch.empty(shapes[name])))
+        with torch.no_grad():
+            for w, b in ((self.w1, self.b1), (self.w2, self.b2), (self.w3, self.b3)):
+                w.normal_(0.0, 0.02)
+                b.zero_()
+
+    def forward(self, h: Tensor) -> Tensor:
+        from mirai.ops.reference import mlp_heads_reference
+        return mlp_heads_reference(h, *(getattr(self, n) for n in _HEAD_PARAMS))
 
 
 def plan_bytes(n_tokens: int, k: int, hidden: int, in_dim: int, out_dim: int, elem_bytes: int,

@@ -17,7 +17,7 @@ Algorithm (one pass over the N tokens in chunks of ``chunk_size`` rows, all insi
          the row statistics (max, sum of exp -> log-sum-exp) in fp32: ``mirai._C.ce_softmax_grad_``
          (csrc/ce/: one read of z for the statistics, one read + write for g; the default on CUDA
          once it has passed a self-check against PyTorch on the device (``_self_check``), and on
-         the CPU with ``backend="kernel"``), or, with ``backend="torch"``, on the CPU by
+         the CPU with ``backend="fused"``), or, with ``backend="reference"``, on the CPU by
          default, or without the extension, log_softmax(dtype=fp32) + exp_ + scatter_add_ + a
          scaling cast (five passes over [C, V] and an fp32 copy of it)
     dhidden[s:e] = g @ weight                      [C, D] input dtype
@@ -54,6 +54,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mirai.ops.backends import BACKENDS      # "fused": the mirai._C row pass; "reference": PyTorch's
+
 DEFAULT_CHUNK_SIZE = 2048
 
 
@@ -83,7 +85,6 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
 
 
-BACKENDS = ("auto", "kernel", "torch")
 
 
 def row_pass_torch(z: torch.Tensor, targets: torch.Tensor, row_w: torch.Tensor, need_grad: bool = True
@@ -251,7 +252,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """Mean cross-entropy of ``hidden [N, D] @ weight[V, D].T`` against ``targets [N]`` (fp32 scalar for
     bf16/fp32 inputs), computed in row chunks of ``chunk_size`` without the N x V logits; see the module
     docstring. Differentiable w.r.t. ``hidden`` and ``weight``. ``backend``: the row pass in
-    ``mirai._C`` ("kernel", an error when it cannot run), in plain PyTorch ("torch"), or ("auto") on
+    ``mirai._C`` ("fused", an error when it cannot run), in plain PyTorch ("reference"), or ("auto") on
     CUDA the kernel when it can run, else PyTorch with one warning, and on the CPU PyTorch."""
     _check_inputs(hidden, weight, targets, chunk_size)
     if backend not in BACKENDS:
@@ -259,10 +260,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     use_kernel = False
     # "auto" takes the kernel on CUDA; on the CPU its scalar exp is slower than ATen's vectorised pass, so
     # the CPU kernel (the CUDA kernel's tested twin) runs only when asked for
-    if backend == "kernel" or (backend == "auto" and hidden.device.type == "cuda"):
+    if backend == "fused" or (backend == "auto" and hidden.device.type == "cuda"):
         reason = _kernel_unavailable(hidden.device.type, str(hidden.dtype).removeprefix("torch."))
-        if reason and backend == "kernel":
-            raise RuntimeError(f"linear_cross_entropy(backend='kernel'): {reason}")
+        if reason and backend == "fused":
+            raise RuntimeError(f"linear_cross_entropy(backend='fused'): {reason}")
         if reason:
             from mirai import _ext
             _ext.warn_fallback("linear_cross_entropy", reason)

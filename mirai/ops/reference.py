@@ -9,6 +9,11 @@ C++/CUDA op (``mirai.ops.foresight.foresight_loss``) is tested against. Kept pla
     (F.normalize semantics: x / max(|x|, eps)). A head without any valid position gives 0
     (not NaN). The teacher is a target: no gradient flows into it (it is detached).
 
+``mlp_heads_reference(h[B,T,D], w1, b1, w2, b2, w3, b3) -> Tensor[K,B,T,C]``
+    the K stacked MLP heads, head k = W3_k silu(W2_k silu(W1_k x + b1_k) + b2_k) + b3_k, in the parameter
+    layout ``mirai.foresight.ForesightHeads`` stores (w1 [K, H, D], b1 [K, H], w2 [K, H, H], b2 [K, H],
+    w3 [K, C, H], b3 [K, C]): batched GEMMs over the heads; h is cast to the weights' dtype.
+
 ``foresight_loss_reference(h[B,T,D], heads, teacher[B,S,C], table[K,T], coeffs[K]) -> (total, per_head[K])``
     runs ``heads(h)`` (any ``ForesightHeads`` kind) then the cosine loss;
     total = sum_k coeffs[k] * per_head[k] (fp32 scalar). coeffs: a tensor or a sequence of floats.
@@ -22,6 +27,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from mirai.ops.checks import table_range_error
 
 COS_EPS = 1e-6
 
@@ -37,10 +44,10 @@ def check_foresight_shapes(student: torch.Tensor, teacher: torch.Tensor, table: 
         raise ValueError(f"table must be [K={k}, T={t}], got shape {tuple(table.shape)}")
     if table.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"table must be an integer tensor (int64/int32), got {table.dtype}")
-    if table.numel() and table.device.type == "cpu":  # on a GPU this check would sync the host
-        lo, hi = int(table.min()), int(table.max())
-        if lo < -1 or hi >= teacher.shape[1]:
-            raise ValueError(f"table values must lie in [-1, S-1 = {teacher.shape[1] - 1}], got [{lo}, {hi}]")
+    if table.device.type == "cpu":  # on a GPU this check would sync the host
+        bad = table_range_error(table, teacher.shape[1])
+        if bad:
+            raise ValueError(bad)
 
 
 def foresight_cosine_loss(student: torch.Tensor, teacher: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -58,6 +65,19 @@ def foresight_cosine_loss(student: torch.Tensor, teacher: torch.Tensor, table: t
     mask = valid.unsqueeze(1).to(cos.dtype)                              # [K, 1, T]
     count = valid.sum(dim=1).to(cos.dtype) * b                           # [K] valid (b, t) pairs
     return -(cos * mask).sum(dim=(1, 2)) / count.clamp(min=1.0)          # [K]; 0 when count == 0
+
+
+def mlp_heads_reference(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                        w3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
+    """K stacked MLP heads, [B, T, D] -> [K, B, T, C] (see the module docstring)."""
+    b, t, d = h.shape
+    k = w1.shape[0]
+    x = h.reshape(1, b * t, d).to(w1.dtype)                              # [1, N, D]
+    x = x.expand(k, b * t, d)                                            # [K, N, D] (stride-0 batch)
+    y = F.silu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))   # [K, N, H]
+    y = F.silu(torch.baddbmm(b2.unsqueeze(1), y, w2.transpose(1, 2)))   # [K, N, H]
+    y = torch.baddbmm(b3.unsqueeze(1), y, w3.transpose(1, 2))           # [K, N, C]
+    return y.view(k, b, t, w3.shape[1])                                  # [K, B, T, C]
 
 
 def foresight_loss_reference(h: torch.Tensor, heads: torch.nn.Module, teacher: torch.Tensor,

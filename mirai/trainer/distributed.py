@@ -1,9 +1,10 @@
 """Process setup: rank / world size from the launcher, device, backend choice, process group.
 
-Launchers: a plain ``python -m mirai.train`` (one process), ``torchrun --nproc_per_node N -m
-mirai.train`` and ``deepspeed --num_gpus N --module mirai.train`` all set (or, for one process, we set)
-``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; the ``--local_rank``
-argument the deepspeed launcher appends is accepted and ignored by the CLI (the env wins).
+Launchers: a plain ``mirai train`` (one process), ``torchrun --nproc_per_node N -m mirai train`` and
+``deepspeed --num_gpus N --module mirai train`` all set (or, for one process, we set) ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (read by ``mirai.launcher``, as
+for every command); the ``--local_rank`` argument the deepspeed launcher passes is accepted and ignored
+by the command line (the env wins).
 
 Backend (``train.backend``): ``deepspeed`` (ZeRO 0..3), ``ddp`` (torch DistributedDataParallel) or
 ``single`` (one process, no wrapper); ``auto`` = single for one process (ZeRO partitions nothing on
@@ -30,6 +31,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from mirai.launcher import launcher_env, local_world_size
 
 
 @dataclass
@@ -62,14 +65,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def launcher_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the launcher's environment (0, 1, 0 without one)."""
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    return rank, world, local
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -126,9 +121,7 @@ def setup(requested_backend: str = "auto", requested_device: str = "auto", timeo
     (``mirai.trainer.memory.EngineChoice``: ``backend``, ``zero_stage``, ``line()``)."""
     rank, world, local = launcher_env()
     device = pick_device(requested_device, local)
-    # ranks on this host (torchrun: LOCAL_WORLD_SIZE, the deepspeed launcher: LOCAL_SIZE): they share its memory
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    choice = planner(device, world, local_world) if planner is not None else None
+    choice = planner(device, world, local_world_size(world)) if planner is not None else None
     backend = resolve_backend(requested_backend, device, world, chosen=choice.backend if choice else None)
     stage = choice.zero_stage if choice is not None and backend == "deepspeed" else None
     note = "" if choice is None else choice.line() + ("" if backend == choice.backend else f" -> {backend}")

@@ -5,7 +5,7 @@
 * Log steps (``DivergenceGuard.check_log``): that step is read (one small all-reduce, MIN over ranks),
   then the spike stop compares the logged NTP loss with its reference.
 * Before every checkpoint (``check_checkpoint``): the same read, after one max-abs pass over the weights
-  (this rank's ZeRO-3 partitions) and the EMA has folded non-finite weights in (a corrupted optimizer
+  (this rank's pieces where the engine partitions them) and the EMA has folded non-finite weights in (a corrupted optimizer
   state can make them Inf / NaN with a still finite loss).
 
 Any of these raises ``Diverged`` (exit code 4) naming the first bad step, the last step checked finite,
@@ -30,8 +30,9 @@ from mirai.trainer.stop import Diverged
 
 @torch.no_grad()
 def nonfinite_weights(engine, ema_state) -> torch.Tensor:
-    """Device bool: an Inf or NaN in this rank's parameters (ZeRO-3: its partitions) or EMA shadows."""
-    params = [p.ds_tensor if engine.zero3 else p for p in engine.module.parameters()]
+    """Device bool: an Inf or NaN in this rank's parameters (``Engine.local_params``: its pieces where the
+    engine partitions them) or EMA shadows."""
+    params = engine.local_params()
     shadows = list(ema_state.shadow.values()) if ema_state is not None else []
     held = [t.detach() for t in params + shadows if t.numel()]          # a rank's piece may be empty
     if not held:

@@ -7,17 +7,21 @@ the per-head coefficients (host floats while they are all zero, else a [K] fp32 
 ``loss`` (NTP + sum_k lambda_k L_k, the one that is back-propagated), ``ntp`` and ``per_head [K]``
 (both detached, for logging). The EMA, the Mirai-E teacher and the frozen encoder are NOT in it.
 
-Engines share one interface (``Engine``): ``forward(...)``, ``backward(loss)``, ``step()`` called once
-per micro-batch (the optimizer applies at the gradient-accumulation boundary), ``set_lr``,
+Engines share one interface (``Engine``): ``micro_step(...)`` once per micro-batch (forward and backward
+inside one context, then the optimizer step at the gradient-accumulation boundary), ``set_lr``,
 ``grad_norm()`` (host value; log steps only), ``grad_norm_held()`` (the same, as held: no host read),
 ``save(dir)`` / ``load(dir)`` of the engine state
 (``save`` returns {file: {"bytes", "sha256"}} of what this rank wrote; every file goes through
-``mirai.checkpoint.save_file`` / ``load_file``, DeepSpeed's own too: see ``CheckpointIO``),
+``mirai.io.torch_files.save_file`` / ``load_file``, DeepSpeed's own too: see ``CheckpointIO``),
 ``full_state_dicts()`` (fp32 master weights of the GPT and the heads, consolidated on rank 0;
 collective), ``ema_params()`` (what the EMA averages: the GPT's fp32 master weights under every engine,
 as the released code and LlamaGen average fp32 weights, never the bf16 module parameters DeepSpeed
-computes with) and ``ema_shards()`` (None where ``ema_params()`` are whole tensors on every rank;
-under ZeRO-1/2/3 the masters are sharded, each rank handing its own pieces, see ``mirai.trainer.shards``).
+computes with), ``ema_shards()`` (None where ``ema_params()`` are whole tensors on every rank;
+under ZeRO-1/2/3 the masters are sharded, each rank handing its own pieces, see ``mirai.trainer.shards``)
+and ``gather_full`` (whole tensors from those pieces), ``local_params()`` (this rank's pieces of the
+parameters), ``gpt_param_count()`` and ``register_external_params(module)`` (parameters a module's forward
+reads without calling their owners). Partitioned parameters (ZeRO-3) are known to this module only: every
+other module asks the engine through these methods.
 
 Optimizer: one client optimizer built here so DeepSpeed builds no op: apex ``FusedAdam`` (AdamW mode)
 when importable on CUDA, else ``torch.optim.AdamW`` with ``fused=True`` on CUDA / ``foreach=True`` on
@@ -38,14 +42,15 @@ import math
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
-from mirai.checkpoint import CheckpointError, load_file, save_file
+from mirai.models.compile import compile_in_scope
+from mirai.io.torch_files import CheckpointError, load_file, save_file
 from mirai.trainer.distributed import Runtime
-from mirai.trainer.shards import Shard
+from mirai.trainer.shards import Shard, gather_full
 
 DDP_BUCKET_MB = 500                  # DDP all-reduce bucket (torch's default: 25 MB); see PlainEngine
 ZERO_REDUCE_BUCKET = int(5e8)        # elements: ZeRO-1/2 gradient reduction bucket, ZeRO all-gather bucket
@@ -57,14 +62,11 @@ ZERO3_PERSISTENCE = int(1e5)         # elements: ZeRO-3 keeps smaller parameters
 class TrainModule(nn.Module):
     """GPT + foresight objective; see the module docstring for the forward contract."""
 
-    def __init__(self, gpt: nn.Module, objective: nn.Module | None = None, fused_ce: bool = True,
-                 ce_backend: str = "auto"):
+    def __init__(self, gpt: nn.Module, objective: nn.Module | None = None, fused_ce: bool = True):
         super().__init__()
         self.gpt = gpt
         self.objective = objective
-        self.fused_ce = bool(fused_ce)      # loss via the chunked linear + CE (no logits materialised)
-        if hasattr(gpt, "output") and hasattr(gpt.output, "ce_backend"):
-            gpt.output.ce_backend = ce_backend  # its row pass: mirai._C kernel or PyTorch (train.ce_backend)
+        self.fused_ce = bool(fused_ce)      # train.fused_ce: loss via the chunked linear + CE (no logits)
 
     @property
     def k(self) -> int:
@@ -107,7 +109,7 @@ def build_optimizer(module: nn.Module, optim_cfg, lr: float, device: torch.devic
     groups = param_groups(module, optim_cfg.weight_decay)
     kw = dict(lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     if fuse_ema:
-        from mirai.optim import AdamWEMA
+        from mirai.optim.adamw_ema import AdamWEMA
         return AdamWEMA(groups, **kw)
     if optim_cfg.fused and device.type == "cuda":
         try:
@@ -152,7 +154,6 @@ class Engine:
 
     module: TrainModule
     device: torch.device
-    zero3: bool = False
 
     def __init__(self, module: TrainModule, optimizer: torch.optim.Optimizer, runtime: Runtime, accum: int):
         self.module = module
@@ -162,13 +163,10 @@ class Engine:
         self.accum = int(accum)
 
     # -- per micro-batch
-    def forward(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def backward(self, loss: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def step(self) -> None:
+    def micro_step(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward of one micro-batch (``TrainModule.forward``'s arguments and result), then the
+        optimizer step when this micro-batch ends an accumulation window. Whatever the forward or backward
+        raises, the engine's per-micro-batch state (DDP's gradient-sync switch) is left as it was."""
         raise NotImplementedError
 
     # -- per optimizer step
@@ -196,6 +194,22 @@ class Engine:
         """(GPT fp32 state dict, objective fp32 state dict or None) on rank 0 ({} elsewhere). Collective."""
         raise NotImplementedError
 
+    # -- what each rank holds
+    def local_params(self) -> list[torch.Tensor]:
+        """This rank's pieces of every trained parameter (the whole parameters where nothing is partitioned)."""
+        return [p for p in self.module.parameters()]
+
+    def gpt_param_count(self) -> int:
+        """Elements of the GPT's parameters, whole (whatever the engine partitions)."""
+        return sum(p.numel() for p in self.module.gpt.parameters())
+
+    def register_external_params(self, module: nn.Module) -> None:
+        """Declare that `module`'s forward also uses its own parameters without calling the submodules that
+        own them (the fused foresight op reads the stacked head weights directly), so an engine that gathers
+        partitioned parameters per module gathers them for `module`. Nothing to do where nothing is
+        partitioned."""
+
+    # -- what the EMA averages
     def ema_params(self) -> list[tuple[str, torch.Tensor]]:
         """(GPT parameter name, fp32 master tensor the EMA averages) pairs, in a fixed order: the parameters
         themselves here (fp32; bf16 runs use autocast)."""
@@ -205,6 +219,16 @@ class Engine:
         """None: ``ema_params()`` are whole tensors on every rank. Else GPT parameter name -> ``Shard`` (which
         elements of the parameter this rank's ``ema_params()`` tensor holds)."""
         return None
+
+    def gather_full(self, names: Sequence[str], pieces: Sequence[torch.Tensor], dtype: torch.dtype
+                    ) -> Iterator[torch.Tensor]:
+        """The whole tensors, in ``dtype``, of GPT parameters ``names`` from this rank's ``pieces`` (shaped like
+        their ``ema_params()`` tensors), in order. Collective when ``ema_shards()`` is not None (every rank
+        calls it with the same names); else the pieces themselves, unconverted."""
+        shards = self.ema_shards()
+        if shards is None:
+            return iter(pieces)
+        return gather_full(pieces, [shards[n] for n in names], dtype)
 
     def train(self) -> None:
         self.module.train()
@@ -235,29 +259,25 @@ class PlainEngine(Engine):
         # torch's fused Adam/AdamW divide every gradient by ``optimizer.grad_scale`` (a device tensor) inside
         # their one kernel (the hook GradScaler uses); handing them 1 / clip_coef there clips the gradients
         # without the separate read-modify-write pass over all of them that clip_grad_norm_ makes
-        from mirai.optim import AdamWEMA       # it reads the same attribute, and does not write the grads back
+        from mirai.optim.adamw_ema import AdamWEMA       # it reads the same attribute, and does not write the grads back
         self.clip_in_optimizer = ((type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
                                    and bool(optimizer.defaults.get("fused")))
                                   or isinstance(optimizer, AdamWEMA))
 
-    def _sync_context(self):
+    def micro_step(self, *args):
         boundary = (self._micro + 1) % self.accum == 0
-        if self.runtime.backend == "ddp" and not boundary:
-            return self.wrapped.no_sync()
-        return nullcontext()
+        # DDP all-reduces the gradients only in the backward of an accumulation window's last micro-batch:
+        # no_sync covers the forward and the backward of the others, and is left whatever they raise
+        sync = self.wrapped.no_sync() if self.runtime.backend == "ddp" and not boundary else nullcontext()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with sync:
+            with autocast:
+                loss, ntp, per_head = self.wrapped(*args)
+            (loss / self.accum).backward()
+        self._step()
+        return loss, ntp, per_head
 
-    def forward(self, *args):
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
-        self._ctx = self._sync_context()
-        self._ctx.__enter__()           # DDP's no_sync must cover forward and backward
-        with ctx:
-            return self.wrapped(*args)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accum).backward()
-        self._ctx.__exit__(None, None, None)
-
-    def step(self) -> None:
+    def _step(self) -> None:
         self._micro += 1
         if self._micro % self.accum:
             return
@@ -286,7 +306,7 @@ class PlainEngine(Engine):
                                      path)}
 
     def load(self, folder: Path) -> None:
-        from mirai.checkpoint import load_state
+        from mirai.io.state_dicts import load_state
         path = folder / "engine" / "state.pt"
         state = load_file(path)
         load_state(self.module, state["module"], str(path))
@@ -311,7 +331,7 @@ def deepspeed_types() -> tuple[type, ...]:
 
 class CheckpointIO:
     """Stands in for DeepSpeed's checkpoint engine object: its file writes go through
-    ``mirai.checkpoint.save_file`` (atomic, hashed while written, disk-full errors; the records collect in
+    ``mirai.io.torch_files.save_file`` (atomic, hashed while written, disk-full errors; the records collect in
     ``written``) and its reads through ``load_file`` (weights-only, ``deepspeed_types`` allowed); every other
     attribute is DeepSpeed's object's."""
 
@@ -354,9 +374,9 @@ class DeepSpeedEngine(Engine):
         self.io = engine.checkpoint_engine = CheckpointIO(engine.checkpoint_engine)
         self.ds_optimizer = ds_opt
         self.device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
-        if self.zero3 and module.objective is not None:
+        if module.objective is not None:
             # the fused foresight op reads the stacked head weights without calling heads.forward
-            module.objective.register_zero3_external_params()
+            self.register_external_params(module.objective)
         if self.zero3:
             # Parameters owned directly by the model's root module (PAR's transition tokens) are used in
             # its forward, whose GPTOutput result ZeRO-3 cannot hook for the backward pass: the parameter
@@ -365,16 +385,29 @@ class DeepSpeedEngine(Engine):
             for p in module.gpt.parameters(recurse=False):
                 deepspeed.zero.register_external_parameter(module, p)
 
-    def forward(self, *args):
-        return self.ds(*args)
+    def register_external_params(self, module: nn.Module) -> None:
+        """ZeRO-3 gathers a module's partitioned parameters around its own forward only: those `module` uses
+        directly are registered with DeepSpeed as its external parameters (other stages: nothing to do)."""
+        if not self.zero3:
+            return
+        import deepspeed  # deepspeed.zero is an attribute of the package, not an importable module path
+        for p in module.parameters():
+            deepspeed.zero.register_external_parameter(module, p)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def micro_step(self, *args):
+        loss, ntp, per_head = self.ds(*args)
         self.ds.backward(loss)
-
-    def step(self) -> None:
         if self.own_norm and self.ds.is_gradient_accumulation_boundary():
             self._norm = self._clip_partition()
         self.ds.step()
+        return loss, ntp, per_head
+
+    def local_params(self) -> list[torch.Tensor]:
+        """ZeRO-3: this rank's partitions (``p.ds_tensor``); other stages hold whole (bf16) parameters."""
+        return [p.ds_tensor if self.zero3 else p for p in self.module.parameters()]
+
+    def gpt_param_count(self) -> int:
+        return sum(int(p.ds_numel) if self.zero3 else p.numel() for p in self.module.gpt.parameters())
 
     def _clip_partition(self) -> torch.Tensor:
         """Global gradient norm from this rank's reduced partition (collective), and the clip applied to it."""
@@ -495,8 +528,11 @@ class DeepSpeedEngine(Engine):
 
         ZeRO-3: the fp32 partition matching ``p.ds_tensor``, a view into the optimizer's
         ``fp32_partitioned_groups_flat`` (where ``safe_get_local_fp32_param`` reads it, without that call's
-        stream synchronisation). ZeRO-1/2 (and the bf16 optimizer): ``p._hp_mapping.hp_fragment``, the
-        fragment of the parameter in this rank's fp32 partition (an empty tensor where there is none).
+        stream synchronisation); with P = ``ds_tensor.numel()`` its ``Shard`` starts at rank * P and holds
+        min(P, numel - start) elements (clipped at 0; the last rank's partition is padded).
+        ZeRO-1/2 (and the bf16 optimizer): ``p._hp_mapping.hp_fragment``, the fragment of the parameter in
+        this rank's fp32 partition (its ``Shard``: ``lp_fragment_address`` start / numel; an empty tensor and
+        length 0 where the parameter lies wholly in another rank's partition).
         ZeRO-0: the fp16/bf16 wrapper's fp32 copies (``_fp32_lookup``), or the parameters when DeepSpeed
         runs in fp32 without a wrapper. Cached while the mappings and flat buffers stay the same objects
         (a checkpoint load re-links them)."""
@@ -551,7 +587,6 @@ def deepspeed_config(cfg, world_size: int, overlap: bool = False) -> dict[str, A
     if t.zero_stage is None:
         raise ValueError("train.zero_stage: None; DeepSpeed needs the stage resolved first "
                          "(mirai.trainer.memory.choose_engine)")
-    accum = t.global_batch // (t.micro_batch * world_size)
     own_norm = t.zero_stage in (1, 2)
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage >= 1:
@@ -568,7 +603,7 @@ def deepspeed_config(cfg, world_size: int, overlap: bool = False) -> dict[str, A
     return {
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": accum,
+        "gradient_accumulation_steps": t.grad_accum(world_size),
         "gradient_clipping": 0.0 if own_norm else float(cfg.optim.grad_clip),
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": bool(t.check_grad_overflow)},
         "zero_optimization": zero,
@@ -593,12 +628,7 @@ def build_engine(module: TrainModule, cfg, runtime: Runtime, base_lr: float) -> 
     if cfg.train.activation_checkpointing:
         gpt.enable_activation_checkpointing(True)
     if cfg.train.compile:
-        if compile_scope(cfg, runtime) == "model":
-            module.compile(dynamic=False)        # in place: state-dict keys keep their names
-        else:
-            for block in gpt.layers:
-                block.compile()
-    accum = cfg.train.global_batch // (cfg.train.micro_batch * runtime.world_size)
+        compile_in_scope(module, gpt.layers, compile_scope(cfg, runtime))
     module.to(runtime.device)
     if runtime.backend == "deepspeed":
         if cfg.optim.fuse_ema:
@@ -612,4 +642,5 @@ def build_engine(module: TrainModule, cfg, runtime: Runtime, base_lr: float) -> 
                                deepspeed_config(cfg, runtime.world_size, overlap),
                                grad_clip=cfg.optim.grad_clip)
     optimizer = build_optimizer(module, cfg.optim, base_lr, runtime.device, fuse_ema=cfg.optim.fuse_ema)
-    return PlainEngine(module, optimizer, runtime, accum, cfg.optim.grad_clip, cfg.train.precision)
+    return PlainEngine(module, optimizer, runtime, cfg.train.grad_accum(runtime.world_size), cfg.optim.grad_clip,
+                       cfg.train.precision)

@@ -18,8 +18,9 @@ A ``metrics.jsonl`` line (one per log step, rank 0)::
      DeepSpeed does not report it: ZeRO-0 in fp32), "img_per_s_per_gpu", "img_per_s",
      "step_time_s", "tflops_per_gpu", "mfu", "backbone_tflops_per_gpu", "backbone_mfu", "time"}
 
-FLOPs per image come from ``mirai.flops.training_flops_per_image`` (backbone fwd+bwd, plus the Mirai-E
-teacher forward and the heads; an online encoder is counted too). MFU = achieved FLOP/s per GPU
+FLOPs per image come from the run's foresight source (``ForesightSource.flops``, counted by
+``mirai.metrics.flops.training_flops_per_image``: backbone fwd+bwd, plus the Mirai-E teacher forward and the
+heads; an online encoder is counted too). MFU = achieved FLOP/s per GPU
 divided by the peak: ``train.peak_flops``, else ``MIRAI_PEAK_FLOPS``, else by GPU name (H100: the
 measured dense bf16 777e12; A100: 312e12); on CPU or unknown GPUs MFU is omitted (null).
 """
@@ -52,22 +53,10 @@ def peak_flops(configured: float | None, device: torch.device) -> float | None:
     return None
 
 
-def flops_per_image(gpt_config, fcfg) -> tuple[float, float]:
-    """(total, backbone) training FLOPs per image of this run's model and foresight mode."""
-    from mirai.flops import training_flops_per_image
-    if fcfg is None or not fcfg.enabled or fcfg.injection == "output":
-        b = training_flops_per_image(gpt_config, "baseline", layer=1)
-        return b.total, b.backbone
-    if fcfg.mode == "ema":
-        b = training_flops_per_image(gpt_config, "mirai_e", k=fcfg.k, layer=fcfg.teacher_layer or fcfg.layer,
-                                     head_hidden=fcfg.head_hidden, head_out=fcfg.head_out)
-        return b.total, b.backbone
-    kw = dict(k=fcfg.k, layer=fcfg.layer, head_hidden=fcfg.head_hidden, head_out=fcfg.head_out)
-    try:
-        b = training_flops_per_image(gpt_config, "mirai_i", encoder=fcfg.encoder.name,
-                                     count_encoder=not fcfg.use_precomputed_features, **kw)
-    except KeyError:  # encoder unknown to the FLOP counter: count heads only
-        b = training_flops_per_image(gpt_config, "mirai_i", **kw)
+def flops_per_image(source, gpt_config, fcfg) -> tuple[float, float]:
+    """(total, backbone) training FLOPs per image of this run: its foresight source's count
+    (``ForesightSource.flops``) for the model and the resolved foresight config."""
+    b = source.flops(gpt_config, fcfg)
     return b.total, b.backbone
 
 

@@ -30,7 +30,7 @@ engine partitions that part):
 * buffers: DeepSpeed ZeRO-1/2's reduction bucket (reduce_bucket_size elements of the gradient dtype, or
   all gradients if fewer); ZeRO-3's gathered parameters (two blocks in bf16 plus its prefetch bucket).
 
-Against the README's measured peaks (one H100, single-process engine, bf16 autocast, fp32 master weights,
+Against the measured peaks of docs/performance.md (one H100, single-process engine, bf16 autocast, fp32 master weights,
 ``torch.compile`` model scope): GPT-B at micro 32 is estimated at 7.3 GB (measured 5.7), GPT-XXL at micro
 16 at 49.4 GB (measured 38.8), Mirai-E 8.2 and 52.1 GB (measured 6.2 and 40.6): 1.27-1.32x the compiled
 peaks, because Inductor recomputes the norms, the SwiGLU product and the dropout masks in the backward
@@ -90,8 +90,10 @@ class Estimate:
         return sum(self.parts.values())
 
     def describe(self) -> str:
-        inner = ", ".join(f"{k} {v / GB:.1f}" for k, v in self.parts.items() if v >= 0.05 * GB)
-        return f"{self.total / GB:.1f} GB ({inner})"
+        """'33.5 GB (states 8.5, ema 5.6, ...)'; small models in MB; parts under 5% of the unit left out."""
+        unit, name = (GB, "GB") if self.total >= 0.1 * GB else (GB / 1024, "MB")
+        inner = ", ".join(f"{k} {v / unit:.1f}" for k, v in self.parts.items() if v >= 0.05 * unit)
+        return f"{self.total / unit:.1f} {name} ({inner})"
 
 
 @dataclass

@@ -1,15 +1,10 @@
-"""Pieces of parameters held by one rank (ZeRO fp32 masters) and the collective that reassembles them.
+"""Pieces of parameters held by one rank (sharded fp32 masters) and the collective that reassembles them.
 
 A ``Shard`` says which elements of a parameter a rank's local tensor holds: the first ``length``
 elements of the flattened local tensor are the parameter's flattened elements ``[start, start + length)``;
-elements of the local tensor past ``length`` are padding (ZeRO-3 pads the last rank's partition).
-Every element of a parameter is held by exactly one rank:
-
-* ZeRO-1/2 (and DeepSpeed's bf16 optimizer): the fragment of the parameter inside this rank's fp32
-  partition (``p._hp_mapping``: ``lp_fragment_address`` start / numel, ``hp_fragment`` the fp32 values);
-  ``length`` is 0 where the parameter lies wholly in another rank's partition.
-* ZeRO-3: the fp32 partition matching ``p.ds_tensor`` (P = ``ds_tensor.numel()`` elements):
-  ``start = rank * P``, ``length = min(P, numel - start)`` clipped at 0.
+elements of the local tensor past ``length`` are padding (a partition may pad the last rank's piece).
+Every element of a parameter is held by exactly one rank. Which pieces a rank holds is the engine's to
+say (``Engine.ema_shards``; DeepSpeed's layouts per stage: ``DeepSpeedEngine._fp32_masters``).
 
 ``gather_full(locals, shards, dtype)`` yields the full tensors (``shards[i].shape``, in ``dtype``) in
 order: each rank writes its pieces into zero-filled buckets of at most ``BUCKET_NUMEL`` elements and one

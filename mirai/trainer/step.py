@@ -1,15 +1,15 @@
-"""One optimizer step of Mirai training (the function train.py and benchmarks/bench_step.py share).
+"""One optimizer step of Mirai training (shared by mirai.trainer.run and benchmarks/bench_step.py).
 
 ``StepRunner.run(step, epoch, batches)`` for the ``accum`` micro-batches of optimizer step ``step``:
 
 1. learning rate of this step into the optimizer (host math, no sync);
-2. foresight coefficients ``coefficients(cfg, step, total_steps, epoch)`` (host floats; all zero
+2. foresight coefficients ``objective.coefficients(step, total_steps, epoch)`` (host floats; all zero
    during the Mirai-E warm-up epochs);
-3. per micro-batch: host-to-device copy (non-blocking from pinned memory); the teacher targets
-   outside the engine under no_grad (EMA teacher forward under bf16 autocast on the EMA weights,
-   precomputed encoder features, or an online encoder on ``batch["images"]``), in
-   ``foresight.target_dtype``, skipped while the coefficients are zero; the engine forward /
-   backward / step; losses accumulated in a device-side meter;
+3. per micro-batch: host-to-device copy (non-blocking from pinned memory) of codes, labels and the source's
+   ``batch_keys``; the teacher targets outside the engine under no_grad
+   (``source.targets_for(batch, model)``, see ``mirai.foresight.sources``), in ``foresight.target_dtype``,
+   only while ``objective.active(coeffs)`` and ``objective.needs_teacher``; the engine's micro-step (forward,
+   backward, and the optimizer step at the accumulation boundary); losses accumulated in a device-side meter;
 4. the EMA update (which also refreshes the online teacher); with ``optim.fuse_ema`` the optimizer
    applies it in its own pass and the EMA state only books it;
 5. the divergence flag: ``meter.end_step`` records this step on the device when its losses or the
@@ -23,14 +23,13 @@ from typing import Any, Sequence
 
 import torch
 
-from mirai.foresight.schedules import coefficients
-from mirai.foresight.sources import TARGET_DTYPES, EMATeacher, PrecomputedFeatures
-from mirai.trainer.data import to_device
+from mirai.data.loader import to_device
+from mirai.foresight.sources import TARGET_DTYPES
 from mirai.trainer.engine import Engine, lr_at
 from mirai.trainer.logging import LossMeter
 
 
-_DEVICE_KEYS = ("codes", "labels", "features", "images")   # what the step reads on the device
+_MODEL_KEYS = ("codes", "labels")          # what the engine reads; the source adds its batch_keys
 
 
 class StepRunner:
@@ -39,7 +38,9 @@ class StepRunner:
     def __init__(self, engine: Engine, fcfg, source, ema_state, optim_cfg, base_lr: float, total_steps: int):
         self.engine = engine
         self.fcfg = fcfg                      # resolved ForesightConfig (or the unresolved "none" one)
-        self.source = source                  # EMATeacher | PrecomputedFeatures | EncoderTeacher | None
+        self.source = source                  # the ForesightSource (mirai.foresight.sources)
+        self.objective = engine.module.objective   # ForesightObjective | None (mode none)
+        self.device_keys = _MODEL_KEYS + tuple(source.batch_keys)
         self.ema_state = ema_state            # EMAState | None
         self.optim_cfg = optim_cfg
         self.base_lr = float(base_lr)
@@ -53,9 +54,9 @@ class StepRunner:
         self._coeffs_dev: torch.Tensor | None = None
 
     def coefficients(self, step: int, epoch: int) -> list[float]:
-        if self.k == 0:
+        if self.objective is None:
             return []
-        return coefficients(self.fcfg, step, self.total_steps, epoch)
+        return self.objective.coefficients(step, self.total_steps, epoch)
 
     def coefficients_on_device(self, coeffs: list[float]) -> torch.Tensor:
         """[K] fp32 on the engine's device, copied from pinned memory only when the values change
@@ -75,18 +76,9 @@ class StepRunner:
         return None if targets is None else targets.to(self.target_dtype)
 
     def _targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        src = self.source
-        if src is None:
+        if self.objective is None or not self.objective.needs_teacher:
             return None
-        if isinstance(src, PrecomputedFeatures) and "features" in batch:
-            return src.targets(batch["features"])
-        if isinstance(src, EMATeacher):
-            idx, _ = self.engine.module.gpt.prepare_inputs(batch["codes"])
-            return src.targets(idx, batch["labels"])
-        if "images" in batch:          # online encoder: uint8 crops (data.images, or the step benchmark's)
-            return src(batch["images"])              # EncoderTeacher.forward: [B, T, C], raster cells
-        raise ValueError(f"foresight source {type(src).__name__}: the batch has no input for it "
-                         f"(keys {sorted(batch)}); Mirai-I needs data.features or data.images")
+        return self.source.targets_for(batch, self.engine.module.gpt)
 
     def run(self, step: int, epoch: int, batches: Sequence[dict[str, torch.Tensor]]) -> None:
         """Optimizer step `step` (0-based) over its micro-batches."""
@@ -95,18 +87,16 @@ class StepRunner:
         engine.set_lr(self.last_lr)
         coeffs = self.coefficients(step, epoch)
         self.last_coeffs = coeffs
-        active = any(c != 0.0 for c in coeffs)
+        active = self.objective is not None and self.objective.active(coeffs)
         # while all coefficients are 0 (warm-up) the host list lets the objective skip its work;
         # afterwards a cached device tensor avoids a host-to-device copy per micro-batch
         obj_coeffs = (self.coefficients_on_device(coeffs) if active else coeffs) if coeffs else None
         if self.ema_state is not None:
             self.ema_state.before_step(step)       # a fused optimizer+EMA needs this step's decay
         for batch in batches:
-            batch = to_device({k: v for k, v in batch.items() if k in _DEVICE_KEYS}, engine.device)
+            batch = to_device({k: v for k, v in batch.items() if k in self.device_keys}, engine.device)
             teacher = self.teacher_targets(batch) if active else None
-            loss, ntp, per_head = engine.forward(batch["codes"], batch["labels"], teacher, obj_coeffs)
-            engine.backward(loss)
-            engine.step()
+            loss, ntp, per_head = engine.micro_step(batch["codes"], batch["labels"], teacher, obj_coeffs)
             self.meter.add(loss, ntp, per_head)
         if self.ema_state is not None:
             self.ema_state.update(step)

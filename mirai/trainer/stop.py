@@ -1,6 +1,6 @@
 """How a training run ends short of its last step, and the exit code of each way.
 
-Exit codes of ``mirai train`` / ``python -m mirai.train``:
+Exit codes of ``mirai train`` / ``python -m mirai train``:
 
 ====  ==========================================================================================
 0     finished (the final checkpoint is written)
@@ -46,6 +46,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from mirai.launcher import under_launcher
+
 EXIT_DIVERGED = 4
 EXIT_LOCKED = 5
 EXIT_COLLECTIVE = 6
@@ -54,7 +56,7 @@ EXIT_INTERRUPTED = 130
 
 
 class RunStop(Exception):
-    """The run ended early for a reason it can name; ``mirai.train.main`` prints it and exits with ``exit_code``."""
+    """The run ended early for a reason it can name; ``mirai.commands.train.main`` prints it and exits with ``exit_code``."""
 
     exit_code = 1
 
@@ -107,7 +109,7 @@ class LauncherWatch:
 
     def __init__(self):
         parent = os.getppid()
-        self.parent = parent if "LOCAL_RANK" in os.environ and parent > 1 else None
+        self.parent = parent if under_launcher() and parent > 1 else None
 
     def gone(self) -> bool:
         return self.parent is not None and os.getppid() != self.parent
