@@ -91,20 +91,39 @@ def model_config(model: str, extra: list[str]):
 
 def size_scale(model: str) -> float:
     """Parameters at width 64 / parameters at full size (engine thresholds are scaled by it)."""
-    from mirai.trainer.memory import model_sizes
+    from mirai.trainer.engine.memory import model_sizes
     return model_sizes(model_config(model, SMALL)).params / model_sizes(model_config(model, [])).params
 
 
-THRESHOLDS = ("DDP_BUCKET_MB", "ZERO_REDUCE_BUCKET", "ZERO3_PREFETCH_BUCKET", "ZERO3_PERSISTENCE")
+# the engines' size thresholds and the module that reads each when an engine is built
+THRESHOLDS = {"DDP_BUCKET_MB": "mirai.trainer.engine.plain",
+              "ZERO_REDUCE_BUCKET": "mirai.trainer.engine.deepspeed_engine",
+              "ZERO3_PREFETCH_BUCKET": "mirai.trainer.engine.deepspeed_engine",
+              "ZERO3_PERSISTENCE": "mirai.trainer.engine.deepspeed_engine"}
+
+
+def threshold_module(name: str):
+    """The module holding threshold `name` (an older checkout: the single module mirai.trainer.engine)."""
+    import importlib
+    try:
+        return importlib.import_module(THRESHOLDS[name])
+    except ModuleNotFoundError:
+        return importlib.import_module("mirai.trainer.engine")
+
+
+def engine_thresholds() -> dict:
+    """The thresholds as the code sets them (an older checkout may lack some)."""
+    return {name: getattr(threshold_module(name), name) for name in THRESHOLDS
+            if hasattr(threshold_module(name), name)}
 
 
 def scale_engine_thresholds(full: dict, scale: float) -> dict:
     """Set the engines' size thresholds (module constants read when an engine is built) to `full` x `scale`."""
-    from mirai.trainer import engine
     for name, value in full.items():
         # (element counts stay multiples of 64: DeepSpeed wants its buckets aligned to the rank count)
-        setattr(engine, name, value * scale if name == "DDP_BUCKET_MB" else max(64, int(value * scale) // 64 * 64))
-    return {name: getattr(engine, name) for name in full}
+        setattr(threshold_module(name), name,
+                value * scale if name == "DDP_BUCKET_MB" else max(64, int(value * scale) // 64 * 64))
+    return {name: getattr(threshold_module(name), name) for name in full}
 
 
 def build(model: str, variant: str, store: Path, out: Path, args):
@@ -211,8 +230,7 @@ def worker(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f"bench_host_{rank}_"))
     store = write_synthetic_store(tmp / "codes", num_images=max(64, 8 * args.micro * world), grid_size=4,
                                   vocab_size=64, num_classes=10, num_aug=1)
-    from mirai.trainer import engine
-    full = {name: getattr(engine, name) for name in THRESHOLDS if hasattr(engine, name)}   # (an older checkout: fewer)
+    full = engine_thresholds()
     variants = args.variants.split(",")
     for model in args.models.split(","):
         scale = size_scale(model)

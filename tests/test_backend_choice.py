@@ -1,4 +1,4 @@
-"""train.backend=auto chooses the engine by the per-rank memory estimate (mirai.trainer.memory), says why at
+"""train.backend=auto chooses the engine by the per-rank memory estimate (mirai.trainer.engine.memory), says why at
 start-up, and always obeys an explicit backend or ZeRO stage. Device memory is faked: no GPU needed."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mirai.config import ConfigError, load_config
-from mirai.trainer.memory import (HEADROOM, block_activation_bytes, choose_engine, device_memory, engine_planner,
+from mirai.trainer.engine.memory import (HEADROOM, block_activation_bytes, choose_engine, device_memory, engine_planner,
                                   model_sizes)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +68,14 @@ def test_zero3_by_estimate_refuses_the_whole_model_compile_scope():
     with pytest.raises(ConfigError, match="train.compile_scope"):
         choose_engine(shipped("GPT-3B", "train.compile_scope=model"), 8, 40 * GB)
     assert choose_engine(shipped("GPT-3B"), 8, 40 * GB).zero_stage == 3        # compile_scope auto: blocks
+
+
+def test_an_explicit_zero3_refuses_the_whole_model_compile_scope():
+    with pytest.raises(ConfigError, match="train.compile_scope: 'model' cannot run under DeepSpeed ZeRO-3"):
+        choose_engine(shipped("GPT-B", "train.compile_scope=model", "train.zero_stage=3"), 8, 80 * GB)
+    for backend in ("single", "ddp"):       # the other engines compile the whole model whatever the stage says
+        choice = choose_engine(shipped("GPT-B", "train.compile_scope=model", f"train.backend={backend}"), 8, 80 * GB)
+        assert choice.backend == backend
 
 
 def test_model_sizes_match_the_built_modules():
@@ -147,7 +155,8 @@ def test_start_up_line_names_the_engine_and_the_estimate(debug_cfg, capsys):
 
 def test_setup_runs_what_the_planner_chose(monkeypatch):
     """setup() takes the backend and stage from the planner under auto, and from the config otherwise."""
-    from mirai.trainer import distributed, memory
+    from mirai.trainer import distributed
+    from mirai.trainer.engine import memory
     monkeypatch.setattr(memory, "device_memory", lambda device, local: 40 * GB)
     choice = engine_planner(shipped("GPT-XXL"))(torch.device("cpu"), 8, 8)
     assert (choice.backend, choice.zero_stage) == ("deepspeed", 1)
@@ -162,7 +171,7 @@ def test_setup_runs_what_the_planner_chose(monkeypatch):
 _RESUME_OLD_ZERO2 = """
 import json, sys
 from pathlib import Path
-import mirai.trainer.engine as engine
+import mirai.trainer.engine.build as engine   # build_engine reads deepspeed_config from here
 from mirai.config import load_config
 from mirai.trainer.run import train
 store, out = sys.argv[1], Path(sys.argv[2])
@@ -199,7 +208,7 @@ def test_zero2_resumes_a_checkpoint_written_while_deepspeed_clipped(code_store, 
 
 
 def test_the_estimate_of_a_small_model_is_shown_in_megabytes():
-    from mirai.trainer.memory import GB, Estimate
+    from mirai.trainer.engine.memory import GB, Estimate
     small = Estimate("plain", {"states": 3.2e6, "activations": 1.1e6})
     assert small.describe() == f"{4.3e6 / (GB / 1024):.1f} MB (states {3.2e6 / (GB / 1024):.1f}, " \
                                f"activations {1.1e6 / (GB / 1024):.1f})"

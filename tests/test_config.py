@@ -95,7 +95,6 @@ def test_parse_errors_name_the_field(override, field, words):
      "foresight.use_precomputed_features"),                  # online encoder: no images in a code store
     (["ema.decay=1.0"], 8, "ema.decay"),
     (["train.compile_scope=model", "train.activation_checkpointing=true"], 1, "train.compile_scope"),
-    (["train.compile_scope=model", "train.zero_stage=3"], 8, "train.compile_scope"),
 ])
 def test_semantic_errors_name_the_field(overrides, world, field):
     cfg = load_config(REPO / "configs" / "gpt-b_baseline.yaml", overrides)

@@ -126,7 +126,7 @@ def test_nan_in_the_optimizer_state_is_never_saved(code_store, tmp_path, capsys,
     out = tmp_path / "run"
     base = ["train.max_steps=6", "train.ckpt_every=1", "train.log_every=10"]
     assert _main(code_store, out, *base, "train.stop_at=2") == 0
-    from mirai.trainer import engine as engine_mod
+    from mirai.trainer.engine import plain as engine_mod      # PlainEngine.load reads it from there
     real = engine_mod.load_optimizer_state
 
     def corrupt(optimizer, state):

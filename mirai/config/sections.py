@@ -162,7 +162,7 @@ class TrainConfig:
     """bf16: bf16 weights/activations with fp32 master weights (DeepSpeed) or autocast (plain path); fp32: all fp32."""
     zero_stage: Optional[int] = None
     """DeepSpeed ZeRO stage 0..3 (0: plain data parallel). None: chosen by the memory estimate when DeepSpeed runs
-    (mirai.trainer.memory: the lowest of 1, 2, 3 that fits). Set under train.backend=auto, it asks for DeepSpeed at
+    (mirai.trainer.engine.memory: the lowest of 1, 2, 3 that fits). Set under train.backend=auto, it asks for DeepSpeed at
     that stage."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (saves activation memory)."""
@@ -173,8 +173,9 @@ class TrainConfig:
     in one graph and its backward in another: fewest launches and no Python between blocks (one H100: a
     GPT-B step 1.6-1.8x, a GPT-XXL step 1.5x faster than blocks), but gradient reductions (DDP / ZeRO) start
     only after the whole backward. blocks: each transformer block compiled alone: reductions overlap the
-    backward (worth it on slow interconnects), and ZeRO-3's per-module gathers and activation
-    checkpointing work. auto: model, except blocks under ZeRO-3 or activation checkpointing."""
+    backward (worth it on slow interconnects), and the engines that gather parameters per module and
+    activation checkpointing work. auto: model, except blocks where the engine or activation checkpointing
+    needs them (mirai.trainer.engine.needs_block_compile); 'model' where they are needed is refused."""
     fused_ce: bool = True
     """NTP loss by the model's chunked fused linear + cross-entropy (no [B, T, V] fp32 logits); false:
     logits then F.cross_entropy (same value)."""
@@ -207,7 +208,7 @@ class TrainConfig:
     """Seed of parameter init, data order, augmentation choice and dropout."""
     backend: Literal["auto", "deepspeed", "ddp", "single"] = "auto"
     """auto: a single process when there is one rank; on more, DeepSpeed at train.zero_stage when that is set, else
-    by the per-rank memory estimate (mirai.trainer.memory): DDP when a full replica fits (fp32 master weights, the
+    by the per-rank memory estimate (mirai.trainer.engine.memory): DDP when a full replica fits (fp32 master weights, the
     lowest host cost), else the lowest DeepSpeed ZeRO stage that fits (DDP when deepspeed is not importable).
     The choice and the estimate are printed at start-up. An explicit value is always obeyed."""
     resume: str = "auto"
@@ -225,10 +226,6 @@ class TrainConfig:
         """Micro-batches per rank per optimizer step: global_batch / (micro_batch * world_size) (validation checks
         that it divides)."""
         return self.global_batch // (self.micro_batch * world_size)
-
-    def needs_block_compile(self, deepspeed: bool) -> bool:
-        """True when only per-block compile works: activation checkpointing, or ZeRO-3 under DeepSpeed."""
-        return self.activation_checkpointing or (deepspeed and self.zero_stage == 3)
 
 
 @dataclass

@@ -93,9 +93,10 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True, scan_fea
     _check(t.stop_at is None or t.stop_at >= 1, "train.stop_at", f"must be >= 1, got {t.stop_at}")
     _check(t.zero_stage is None or 0 <= t.zero_stage <= 3, "train.zero_stage",
            f"must be 0, 1, 2 or 3 (or null: chosen by the memory estimate), got {t.zero_stage}")
-    _check(not (t.compile_scope == "model" and t.needs_block_compile(deepspeed=t.backend in ("auto", "deepspeed"))),
-           "train.compile_scope", "'model' cannot be combined with DeepSpeed ZeRO-3 (per-module parameter "
-           "gathers) or activation checkpointing (per-block recompute); use 'blocks' or 'auto'")
+    # (the engine refuses 'model' where it gathers parameters per module: mirai.trainer.engine.choose_engine)
+    _check(not (t.compile_scope == "model" and t.activation_checkpointing), "train.compile_scope",
+           "'model' cannot be combined with train.activation_checkpointing (per-block recompute); use 'blocks' "
+           "or 'auto'")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     _check(t.ckpt_every >= 1, "train.ckpt_every", f"must be >= 1, got {t.ckpt_every}")
     _check(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")

@@ -9,7 +9,7 @@ by the command line (the env wins).
 Backend (``train.backend``): ``deepspeed`` (ZeRO 0..3), ``ddp`` (torch DistributedDataParallel) or
 ``single`` (one process, no wrapper); ``auto`` = single for one process (ZeRO partitions nothing on
 one rank, and on one H100 DeepSpeed's per-parameter step bookkeeping made a GPT-B step 2.2x slower
-than the plain engine), else what the run's planner chose (``mirai.trainer.memory.choose_engine``: DDP
+than the plain engine), else what the run's planner chose (``mirai.trainer.engine.choose_engine``: DDP
 when a full replica fits, else the lowest ZeRO stage that does; without a planner, DDP), with DDP in
 place of DeepSpeed when deepspeed cannot be imported. Without CUDA, DeepSpeed runs with
 ``DS_ACCELERATOR=cpu`` (set here before deepspeed is imported) and every process group uses gloo.
@@ -118,7 +118,7 @@ def setup(requested_backend: str = "auto", requested_device: str = "auto", timeo
     fail after `timeout_s` seconds without an answer).
 
     ``planner(device, world_size, local_world_size)`` (optional) returns the engine choice of the run
-    (``mirai.trainer.memory.EngineChoice``: ``backend``, ``zero_stage``, ``line()``)."""
+    (``mirai.trainer.engine.EngineChoice``: ``backend``, ``zero_stage``, ``line()``)."""
     rank, world, local = launcher_env()
     device = pick_device(requested_device, local)
     choice = planner(device, world, local_world_size(world)) if planner is not None else None

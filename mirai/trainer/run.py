@@ -84,8 +84,7 @@ def build_run(cfg: Config) -> Run:
     from mirai.foresight.sources import build_source
     from mirai.models.gpt import build_gpt
     from mirai.trainer.distributed import setup
-    from mirai.trainer.engine import TrainModule, build_engine, compile_scope
-    from mirai.trainer.memory import engine_planner
+    from mirai.trainer.engine import TrainModule, build_engine, compile_scope, engine_planner
     from mirai.trainer.ema_state import EMAState
     from mirai.trainer.step import StepRunner
 

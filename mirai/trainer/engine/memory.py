@@ -196,7 +196,7 @@ def estimate(sizes: ModelSizes, cfg, engine: str, world_size: int) -> Estimate:
     parts["teacher"] = 2 * sizes.teacher_params
     tokens = t.micro_batch * sizes.seq_len
     parts["activations"] = activation_bytes(sizes, tokens, bf16, t.activation_checkpointing)
-    from mirai.trainer.engine import ZERO3_PREFETCH_BUCKET, ZERO_REDUCE_BUCKET
+    from mirai.trainer.engine.deepspeed_engine import ZERO3_PREFETCH_BUCKET, ZERO_REDUCE_BUCKET
     buffers = 0.0
     if stage in (1, 2):
         buffers = min(ZERO_REDUCE_BUCKET, P) * (2 if bf16 else 4)
@@ -220,7 +220,23 @@ def device_memory(device: torch.device, local_world_size: int) -> float | None:
 # --------------------------------------------------------------------------- choice
 def choose_engine(cfg, world_size: int, device_memory: float | None, sizes: ModelSizes | None = None
                   ) -> EngineChoice:
-    """The engine of a run (see the module docstring for the rules). `device_memory` in bytes per rank."""
+    """The engine of a run (see the module docstring for the rules). `device_memory` in bytes per rank.
+    Raises ``ConfigError`` naming ``train.compile_scope`` when it asks for one graph of the whole model and
+    the chosen engine can only run compiled blocks (ZeRO-3)."""
+    from mirai.trainer.engine.build import needs_block_compile
+    choice = _choose(cfg, world_size, device_memory, sizes)
+    t = cfg.train
+    if t.compile_scope == "model" and needs_block_compile(t, choice.backend, choice.zero_stage):
+        from mirai.config import ConfigError
+        by = (f"which this run needs by the memory estimate ({choice.estimate.describe()}); use 'blocks' or "
+              "'auto', or set train.backend and train.zero_stage") if t.zero_stage is None else \
+             "use 'blocks' or 'auto'"
+        raise ConfigError(f"train.compile_scope: 'model' cannot run under DeepSpeed ZeRO-3 (it gathers each "
+                          f"module's partitioned parameters around that module's own forward), {by}")
+    return choice
+
+
+def _choose(cfg, world_size: int, device_memory: float | None, sizes: ModelSizes | None) -> EngineChoice:
     t = cfg.train
     sizes = sizes if sizes is not None else model_sizes(cfg)
     usable = None if device_memory is None else HEADROOM * device_memory
@@ -230,11 +246,6 @@ def choose_engine(cfg, world_size: int, device_memory: float | None, sizes: Mode
 
     def lowest_zero(why: str) -> EngineChoice:
         stage = next((s for s in (1, 2, 3) if fits(zero[s])), None)
-        if (stage or 3) == 3 and t.compile and t.compile_scope == "model":
-            from mirai.config import ConfigError
-            raise ConfigError("train.compile_scope: 'model' cannot run under ZeRO-3, which this run needs by the "
-                              f"memory estimate ({zero[3].describe()}); use 'blocks' or 'auto', or set "
-                              "train.backend and train.zero_stage")
         if stage is None:
             return EngineChoice("deepspeed", 3, zero[3], usable, f"{why}: not even ZeRO-3 fits by the estimate "
                                 "(try train.activation_checkpointing=true or a smaller train.micro_batch)")
