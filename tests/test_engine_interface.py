@@ -132,3 +132,27 @@ def test_one_reader_of_the_launcher_environment(monkeypatch):
                                                                  "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
                 reads.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     assert not reads, f"the launcher's environment read outside mirai/launcher.py: {reads}"
+
+
+def test_the_ema_reads_the_parameter_list_without_walking_the_model_each_step():
+    """``ema_params()`` runs every step: the GPT's parameters are listed once, and a second call neither walks the
+    module tree again nor hands back a list its caller could change for the next step."""
+    from mirai.trainer.distributed import Runtime
+    from mirai.trainer.engine import PlainEngine
+
+    module = nn.Module()
+    module.gpt = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    engine = PlainEngine(module, torch.optim.SGD(module.parameters(), lr=0.1),
+                         Runtime(0, 1, 0, torch.device("cpu"), "single"), accum=1, grad_clip=0.0, precision="fp32")
+    params = list(module.gpt.parameters())
+    first = engine.ema_params()
+    assert [n for n, _ in first] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+    def walked(*args, **kwargs):
+        raise AssertionError("the module tree was walked again")
+
+    module.gpt.named_parameters = walked
+    first.clear()
+    again = engine.ema_params()
+    assert [n for n, _ in again] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert all(p is q for (_, p), q in zip(again, params))

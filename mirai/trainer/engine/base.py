@@ -74,10 +74,19 @@ class Engine:
         partitioned."""
 
     # -- what the EMA averages
+    def gpt_named_params(self) -> list[tuple[str, nn.Parameter]]:
+        """The GPT's (name, parameter) pairs, listed once: the EMA reads them every step, and walking the
+        module tree costs more host time than the update itself. No engine replaces a parameter object
+        (checkpoint loads copy into them, DeepSpeed re-points their data, compiling wraps the forward)."""
+        named = getattr(self, "_gpt_named", None)
+        if named is None:
+            named = self._gpt_named = list(self.module.gpt.named_parameters())
+        return named
+
     def ema_params(self) -> list[tuple[str, torch.Tensor]]:
         """(GPT parameter name, fp32 master tensor the EMA averages) pairs, in a fixed order: the parameters
         themselves here (fp32; bf16 runs use autocast)."""
-        return [(n, p) for n, p in self.module.gpt.named_parameters()]
+        return list(self.gpt_named_params())
 
     def ema_shards(self) -> dict[str, Shard] | None:
         """None: ``ema_params()`` are whole tensors on every rank. Else GPT parameter name -> ``Shard`` (which

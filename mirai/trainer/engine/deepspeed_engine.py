@@ -244,7 +244,7 @@ class DeepSpeedEngine(Engine):
         runs in fp32 without a wrapper. Cached while the mappings and flat buffers stay the same objects
         (a checkpoint load re-links them)."""
         opt = self.ds_optimizer
-        named = list(self.module.gpt.named_parameters())
+        named = self.gpt_named_params()
         if self.zero3:
             key = tuple(t.data_ptr() for t in opt.fp32_partitioned_groups_flat)
         else:
