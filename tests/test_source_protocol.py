@@ -40,6 +40,10 @@ class CodeEmbeddingSource(ForesightSource):
         b.heads = 0.5 * b.backbone                           # a made-up cost the logs must show
         return b
 
+    @classmethod
+    def frozen_params(cls, cfg, model):
+        return model.config.vocab_size * WIDTH               # the table, as the memory estimate must count it
+
 
 BUILT: list[CodeEmbeddingSource] = []
 
@@ -52,7 +56,8 @@ def _build(cfg, model, codes):
 @pytest.fixture
 def code_embedding_mode():
     register(SourceMode("code_embedding", build=_build, default_k=2, default_warmup_epochs=0,
-                        table_source="encoder", target_width=lambda cfg, model_cfg: WIDTH))
+                        table_source="encoder", target_width=lambda cfg, model_cfg: WIDTH,
+                        source_type=lambda cfg: CodeEmbeddingSource))
     BUILT.clear()
     yield
     unregister("code_embedding")
@@ -99,3 +104,36 @@ def test_precomputed_features_are_built_once(debug_cfg, monkeypatch):
     run = build_run(debug_cfg("foresight.mode=encoder", "foresight.use_precomputed_features=true",
                               "foresight.head_out=32"))
     assert made == [run.source] and run.source.dim == 32 and run.source.batch_keys == ("features",)
+
+
+def test_what_a_run_needs_is_asked_of_the_source_class_before_it_is_built(code_embedding_mode, code_store, tmp_path):
+    """The memory estimate counts the frozen parameters the source's class reports, and config validation reads
+    the class's batch keys, without building the source (nothing is built, not even on the meta device)."""
+    from mirai.foresight.sources import EMATeacher, NoTargets, PrecomputedFeatures, source_type
+    from mirai.foresight.encoders import EncoderTeacher
+    from mirai.trainer.engine.memory import model_sizes
+    cfg = load_config(DEBUG_YAML, debug_overrides(code_store, tmp_path / "run") + ["foresight.mode=code_embedding"])
+    sizes = model_sizes(cfg)
+    assert BUILT == [] and sizes.teacher_params == cfg.model.vocab_size * WIDTH
+    assert not cfg.foresight.reads_features
+    f = load_config(DEBUG_YAML, ["foresight.mode=encoder", "foresight.use_precomputed_features=true"]).foresight
+    assert source_type(f) is PrecomputedFeatures and f.reads_features
+    f = load_config(DEBUG_YAML, ["foresight.mode=encoder", "foresight.encoder.weights=x"]).foresight
+    assert source_type(f) is EncoderTeacher and not f.reads_features
+    assert source_type(load_config(DEBUG_YAML, ["foresight.mode=ema"]).foresight) is EMATeacher
+    assert source_type(load_config(DEBUG_YAML, ["foresight.mode=none"]).foresight) is NoTargets
+    assert source_type(load_config(DEBUG_YAML, ["foresight.mode=ema", "foresight.injection=output"]).foresight) \
+        is NoTargets
+
+
+def test_mirai_e_frozen_parameters_are_the_teachers_own():
+    """EMATeacher.frozen_params (asked on the meta device) equals the parameter count of a built teacher."""
+    from mirai.foresight.config import ForesightConfig
+    from mirai.foresight.sources import EMATeacher
+    from mirai.models.gpt import build_gpt
+    gpt = build_gpt("GPT-debug")
+    f = ForesightConfig(mode="ema").resolve(gpt.config)
+    built = EMATeacher(gpt, f.teacher_layer or f.layer)
+    with torch.device("meta"):
+        meta_gpt = build_gpt("GPT-debug")
+    assert EMATeacher.frozen_params(f, meta_gpt) == sum(p.numel() for p in built.parameters())

@@ -147,8 +147,9 @@ def validate_foresight(cfg: Config, gpt_config) -> None:
     if f.mode == "ema" and f.injection == "internal" and f.teacher == "online":
         _check(cfg.ema.enabled, "ema.enabled", "Mirai-E's online teacher is the model EMA (decay ema.decay); "
                "it must be enabled")
-    if f.mode == "encoder" and f.injection == "internal":
-        _check(f.use_precomputed_features or cfg.data.images, "foresight.use_precomputed_features",
+    from mirai.foresight.sources import source_type
+    if "images" in source_type(f).batch_keys:                 # a source that reads each sample's image crop
+        _check(cfg.data.images, "foresight.use_precomputed_features",
                "Mirai-I needs either precomputed encoder features (foresight.use_precomputed_features=true, a "
                "store prepared with --encoder) or the images the store was prepared from "
                "(data.images=FOLDER, the encoder then runs online on each sample's crop)")

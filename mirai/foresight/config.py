@@ -129,9 +129,9 @@ class ForesightConfig:
 
     @property
     def reads_features(self) -> bool:
-        """The run reads the code store's encoder features (the source of mode "encoder" with
-        ``use_precomputed_features``, ``mirai.foresight.sources.features``)."""
-        return self.mode == "encoder" and self.injection == "internal" and self.use_precomputed_features
+        """The run reads the code store's encoder features: its source's ``batch_keys`` name "features"."""
+        from mirai.foresight.sources.registry import source_type
+        return "features" in source_type(self).batch_keys
 
     @property
     def source(self) -> str:

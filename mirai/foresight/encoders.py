@@ -286,6 +286,19 @@ class EncoderTeacher(nn.Module, ForesightSource):
         from mirai.foresight.sources.encoder import encoder_flops
         return encoder_flops(gpt_config, cfg, count_encoder=True)
 
+    @classmethod
+    def frozen_params(cls, cfg, model) -> int:
+        """The encoder's parameters (``foresight.encoder.name``: a short name of ``ENCODERS`` or a timm name, the
+        timm model built on the meta device); 0 for a name neither knows (building it fails, naming the field)."""
+        name = cfg.encoder.name
+        if not is_known_encoder(name):
+            return 0
+        import timm
+        timm_name = ENCODERS[name].timm_name if name in ENCODERS else name
+        with torch.device("meta"):
+            encoder = timm.create_model(timm_name.split(".")[0], pretrained=False, num_classes=0)
+        return sum(p.numel() for p in encoder.parameters())
+
 
 def _load_into(model: nn.Module, weights_file: Path) -> None:
     """Load a state dict into a timm model through timm's own checkpoint filter; clear errors."""

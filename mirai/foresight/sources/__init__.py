@@ -16,10 +16,11 @@ A new source is one file: a ``ForesightSource`` and a ``register(SourceMode(...)
 by the caller before the config is validated).
 """
 from mirai.foresight.sources.protocol import TARGET_DTYPES, ForesightSource, NoTargets, SourceMode
-from mirai.foresight.sources.registry import build_source, default_k, mode_names, register, source_mode, unregister
+from mirai.foresight.sources.registry import (build_source, default_k, mode_names, register, source_mode, source_type,
+                                              unregister)
 from mirai.foresight.sources.ema import EMATeacher
 from mirai.foresight.sources.features import PrecomputedFeatures
 from mirai.foresight.sources import encoder as _encoder  # noqa: F401  (registers mode "encoder")
 
 __all__ = ["TARGET_DTYPES", "EMATeacher", "ForesightSource", "NoTargets", "PrecomputedFeatures", "SourceMode",
-           "build_source", "default_k", "mode_names", "register", "source_mode", "unregister"]
+           "build_source", "default_k", "mode_names", "register", "source_mode", "source_type", "unregister"]

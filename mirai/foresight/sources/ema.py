@@ -123,6 +123,15 @@ class EMATeacher(nn.Module, ForesightSource):
         from mirai.models.compile import compile_in_scope
         compile_in_scope(self.module, self.module.layers, scope)
 
+    @classmethod
+    def frozen_params(cls, cfg, model) -> int:
+        """What the teacher copies of ``model``: its parameters less the final norm and output layer and the
+        blocks past the teacher's layer."""
+        count = lambda mod: sum(p.numel() for p in mod.parameters())                  # noqa: E731
+        tail = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("norm.", "output.")))
+        layer = cfg.teacher_layer or cfg.layer
+        return count(model) - tail - (model.config.n_layer - layer) * count(model.layers[0])
+
     def flops(self, gpt_config, cfg):
         from mirai.metrics.flops import training_flops_per_image
         return training_flops_per_image(gpt_config, "ema", k=cfg.k, layer=cfg.teacher_layer or cfg.layer,
@@ -150,4 +159,4 @@ def _build(cfg, model: nn.Module, codes: str | None = None) -> EMATeacher:
 
 
 register(SourceMode("ema", build=_build, default_k=3, default_warmup_epochs=15, table_source="ema",
-                    target_width=lambda cfg, model_cfg: int(model_cfg.dim)))
+                    target_width=lambda cfg, model_cfg: int(model_cfg.dim), source_type=lambda cfg: EMATeacher))

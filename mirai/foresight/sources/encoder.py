@@ -45,5 +45,12 @@ def _width(cfg, model_cfg) -> int:
     return encoder_dim(cfg.encoder.name)
 
 
+def _type(cfg) -> type[ForesightSource]:
+    if cfg.use_precomputed_features:
+        return PrecomputedFeatures
+    from mirai.foresight.encoders import EncoderTeacher
+    return EncoderTeacher
+
+
 register(SourceMode("encoder", build=_build, default_k=1, default_warmup_epochs=0, table_source="encoder",
-                    target_width=_width))
+                    target_width=_width, source_type=_type))

@@ -41,6 +41,13 @@ class ForesightSource:
         model ``gpt_config`` and the resolved ``ForesightConfig`` ``cfg`` (MFU in the logs, ``mirai flops``)."""
         raise NotImplementedError(f"{type(self).__name__}.flops")
 
+    @classmethod
+    def frozen_params(cls, cfg, model) -> int:
+        """Parameters a source of this class keeps frozen beside the trained model (held in bf16; the engine's
+        memory estimate counts them), for the resolved ``ForesightConfig`` ``cfg`` and the GPT ``model``, which
+        may live on the meta device: asked before the source is built. Default: none."""
+        return 0
+
     def ema_teacher(self) -> tuple[torch.nn.Module, list[str]] | None:
         """(module, parameter names) the run's EMA keeps equal to itself (Mirai-E's online teacher), or None."""
         return None
@@ -78,3 +85,6 @@ class SourceMode:
     """Neighbour-table rows of its targets: "ema" (sequence positions) or "encoder" (grid cells)."""
     target_width: Callable[[Any, Any], int]
     """``target_width(cfg, model_cfg) -> C``: the heads' output width when ``foresight.head_out`` is null."""
+    source_type: Callable[[Any], type]
+    """``source_type(cfg) -> the ForesightSource class build returns for cfg``: what a run will need (its
+    ``batch_keys``, its ``frozen_params``) is asked of the class before anything is built."""

@@ -1,9 +1,10 @@
 """The one registry of foresight sources, keyed by ``foresight.mode``.
 
     register(SourceMode("mine", build=..., default_k=1, default_warmup_epochs=0, table_source="encoder",
-                        target_width=lambda cfg, model_cfg: 64))
+                        target_width=lambda cfg, model_cfg: 64, source_type=lambda cfg: MySource))
     source_mode("ema").default_k                   # 3
     build_source(cfg, model, codes="data/codes")   # the run's ForesightSource (NoTargets for none / output)
+    source_type(cfg).batch_keys                    # what it will read, asked before it is built
 
 The built-in modes register themselves when ``mirai.foresight.sources`` is imported: "none", "ema"
 (``sources/ema.py``) and "encoder" (``sources/encoder.py``: precomputed features or the online encoder).
@@ -55,10 +56,17 @@ def build_source(cfg, model, codes: str | None = None) -> ForesightSource:
     return source_mode(cfg.mode).build(cfg, model, codes)
 
 
+def source_type(cfg) -> type[ForesightSource]:
+    """The class ``build_source`` returns for ``cfg`` (resolved or not), without building it."""
+    if not cfg.enabled or cfg.injection == "output":
+        return NoTargets
+    return source_mode(cfg.mode).source_type(cfg)
+
+
 def _no_build(cfg, model, codes):
     return NoTargets()
 
 
 # "none" builds no heads; its default K only sizes the check of foresight.lambdas (as for "ema")
 register(SourceMode("none", build=_no_build, default_k=3, default_warmup_epochs=15, table_source="ema",
-                    target_width=lambda cfg, model_cfg: int(model_cfg.dim)))
+                    target_width=lambda cfg, model_cfg: int(model_cfg.dim), source_type=lambda cfg: NoTargets))

@@ -14,8 +14,8 @@ engine partitions that part):
   DeepSpeed, bf16: bf16 weights 2 (/N at ZeRO-3) + bf16 gradients 2 (/N at ZeRO >= 2) + fp32 master
   weights and moments 12 and the fp32 gradient partition at the step 4 (/N at ZeRO >= 1). DeepSpeed, fp32:
   weights 4 + gradients 4 + moments 8 with the same partitioning.
-* EMA: fp32 shadow 4 B per GPT parameter (/N at ZeRO-3); teacher: 2 B per parameter of the Mirai-E bf16
-  teacher (embeddings + the first ``teacher_layer`` blocks) or of the frozen online Mirai-I encoder.
+* EMA: fp32 shadow 4 B per GPT parameter (/N at ZeRO-3); teacher: 2 B per parameter the foresight source keeps
+  frozen (``ForesightSource.frozen_params``: Mirai-E's teacher, the online Mirai-I encoder).
 * activations of one micro-batch, tokens = micro_batch x block_size, D = width, H = SwiGLU hidden:
   per block and token (34 D + 8 H) bytes under bf16 autocast, (48 D + 16 H) under fp32, plus one D-wide
   mask per active dropout layer (residual, feed-forward) of 2 (bf16) or 4 (fp32) bytes per element: what
@@ -131,11 +131,9 @@ def model_sizes(cfg) -> ModelSizes:
             heads = heads_matmul = f.k * c.vocab_size * c.dim
     count = lambda mod: sum(p.numel() for p in mod.parameters())                  # noqa: E731
     gpt_params = count(gpt)
-    if f is not None and f.injection == "internal" and f.mode == "ema":
-        tail = sum(p.numel() for n, p in gpt.named_parameters() if n.startswith(("norm.", "output.")))
-        teacher = gpt_params - tail - (c.n_layer - f.teacher_layer) * count(gpt.layers[0])
-    elif f is not None and f.injection == "internal" and not f.use_precomputed_features:
-        teacher = _encoder_params(f.encoder.name)
+    if f is not None:                                         # what the run's foresight source keeps frozen
+        from mirai.foresight.sources import source_type
+        teacher = source_type(f).frozen_params(f, gpt)
     matmuls = sum(m.weight.numel() for m in gpt.modules() if isinstance(m, torch.nn.Linear))
     return ModelSizes(params=gpt_params + heads, gpt_params=gpt_params,
                       matmul_params=matmuls + heads_matmul, teacher_params=teacher,
@@ -143,19 +141,6 @@ def model_sizes(cfg) -> ModelSizes:
                       vocab=c.vocab_size, seq_len=c.block_size, head_out=head_out,
                       head_chunk=c.fused_ce_chunk_size,
                       dropout_masks=int(c.resid_dropout_p > 0) + int(c.ffn_dropout_p > 0))
-
-
-def _encoder_params(name: str) -> int:
-    """Parameters of a frozen online encoder: a short name of ``ENCODERS`` or a timm model name (timm model on
-    the meta device); 0 for a name neither knows (building the encoder then fails, naming the field)."""
-    from mirai.foresight.encoders import ENCODERS, is_known_encoder
-    if not is_known_encoder(name):
-        return 0
-    import timm
-    timm_name = ENCODERS[name].timm_name if name in ENCODERS else name
-    with torch.device("meta"):
-        model = timm.create_model(timm_name.split(".")[0], pretrained=False, num_classes=0)
-    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- estimate
