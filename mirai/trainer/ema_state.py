@@ -11,8 +11,8 @@ DeepSpeed bf16 the module's parameters are bf16 roundings of the masters, which 
   storage. Either way the teacher at step t+1 is the EMA after step t, with no state-dict copies.
 * Sharded masters (DeepSpeed ZeRO >= 1: this rank's pieces of its fp32 partitions, as the engine says in
   ``Engine.ema_shards()``): each rank averages its own pieces (shadows are shaped like the pieces) and the
-  teacher's full weights are refreshed after every update by ``Engine.gather_full`` (bucketed all-reduces
-  in the teacher's dtype).
+  teacher's full weights are refreshed after every update by ``Engine.full_gather`` (planned once; bucketed
+  all-reduces in the teacher's dtype, multi-tensor copies in and out).
 
 ``full_state_dict()`` returns the full fp32 EMA keyed by GPT parameter names (LlamaGen keys) on
 rank 0 (collective when sharded); ``load_full_state_dict`` takes that form on any stage (keeping
@@ -43,6 +43,7 @@ class EMAState:
         # the teacher's parameters, looked up once (refresh_teacher runs every step when sharded; compiling the
         # teacher or loading a checkpoint copies into these tensors, never replaces them)
         self._teacher_params = dict(teacher.named_parameters()) if teacher is not None else {}
+        self._teacher_gather = None                     # sharded: the teacher's FullGather, planned at first use
         if teacher is not None:
             if self.sharded:
                 self.refresh_teacher()
@@ -88,10 +89,12 @@ class EMAState:
         params = self._teacher_params
         if self.sharded:
             names = self.teacher_names
-            dtype = params[names[0]].dtype if names else torch.float32
-            fulls = self.engine.gather_full(names, [self.ema.shadow[n] for n in names], dtype)
-            for name, full in zip(names, fulls):
-                params[name].copy_(full)
+            if self._teacher_gather is None:
+                dtype = params[names[0]].dtype if names else torch.float32
+                gather = self.engine.full_gather(names, [self.ema.shadow[n] for n in names], dtype)
+                self._teacher_gather = (gather, [params[n] for n in names])
+            gather, targets = self._teacher_gather
+            gather.into(targets)
             return
         for name in self.teacher_names:
             if params[name].data_ptr() != self.ema.shadow[name].data_ptr():   # an fp32 teacher IS the EMA

@@ -10,6 +10,9 @@ say (``Engine.ema_shards``; DeepSpeed's layouts per stage: ``DeepSpeedEngine._fp
 order: each rank writes its pieces into zero-filled buckets of at most ``BUCKET_NUMEL`` elements and one
 all-reduce (sum) per bucket completes them. The sum is exact in any dtype, every element having exactly
 one non-zero contribution. It is a collective: every rank calls it with the same shapes in the same order.
+``FullGather`` is the same collective for pieces gathered again and again (the Mirai-E teacher, refreshed from
+the sharded EMA every step): planned once, it keeps one bucket-sized buffer and its copy lists, and each call
+is two multi-tensor copies and one all-reduce per bucket, with no Python per parameter.
 """
 from __future__ import annotations
 
@@ -45,18 +48,31 @@ class Shard:
         flat[:self.length].copy_(full.reshape(-1)[self.start:self.start + self.length])
 
 
-def gather_full(locals_: Sequence[torch.Tensor], shards: Sequence[Shard], dtype: torch.dtype,
-                bucket_numel: int = BUCKET_NUMEL) -> Iterator[torch.Tensor]:
-    """Full tensors ``[shards[i].shape]`` in ``dtype``, in order, from every rank's pieces (collective)."""
-    if len(locals_) != len(shards):
-        raise ValueError(f"gather_full: {len(locals_)} local tensors for {len(shards)} shards")
-    reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    i = 0
+def _buckets(shards: Sequence[Shard], bucket_numel: int) -> list[tuple[int, int, int]]:
+    """(first, end, elements) of each bucket: consecutive shards of at most `bucket_numel` elements in all (one
+    larger shard alone)."""
+    out, i = [], 0
     while i < len(shards):
         j, total = i, 0
         while j < len(shards) and (j == i or total + shards[j].numel <= bucket_numel):
             total += shards[j].numel
             j += 1
+        out.append((i, j, total))
+        i = j
+    return out
+
+
+def _reduces() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_full(locals_: Sequence[torch.Tensor], shards: Sequence[Shard], dtype: torch.dtype,
+                bucket_numel: int = BUCKET_NUMEL) -> Iterator[torch.Tensor]:
+    """Full tensors ``[shards[i].shape]`` in ``dtype``, in order, from every rank's pieces (collective)."""
+    if len(locals_) != len(shards):
+        raise ValueError(f"gather_full: {len(locals_)} local tensors for {len(shards)} shards")
+    reduce = _reduces()
+    for i, j, total in _buckets(shards, bucket_numel):
         device = locals_[i].device
         bucket = torch.zeros(total, dtype=dtype, device=device)                  # [sum of numels]
         offset = 0
@@ -70,4 +86,46 @@ def gather_full(locals_: Sequence[torch.Tensor], shards: Sequence[Shard], dtype:
         for shard in shards[i:j]:
             yield bucket[offset:offset + shard.numel].view(shard.shape)
             offset += shard.numel
-        i = j
+
+
+class FullGather:
+    """``gather_full`` of fixed pieces into fixed targets, planned once (see the module docstring).
+
+    ``FullGather(locals_, shards, dtype)``; then each ``into(targets)`` (collective) writes the full tensors into
+    ``targets`` (shaped ``shards[i].shape``, any float dtype). ``locals_`` are read at every call, so they must
+    stay the same tensors (updated in place)."""
+
+    def __init__(self, locals_: Sequence[torch.Tensor], shards: Sequence[Shard], dtype: torch.dtype,
+                 bucket_numel: int = BUCKET_NUMEL):
+        if len(locals_) != len(shards):
+            raise ValueError(f"FullGather: {len(locals_)} local tensors for {len(shards)} shards")
+        self.buckets = _buckets(shards, bucket_numel)
+        device = locals_[0].device if locals_ else torch.device("cpu")
+        self.buffer = torch.empty(max((t for _, _, t in self.buckets), default=0), dtype=dtype, device=device)
+        self.copy_in: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []   # per bucket: (buffer slices, pieces)
+        self.views: list[list[torch.Tensor]] = []                                 # per bucket: full-shaped views
+        for i, j, _ in self.buckets:
+            dst, src, views, offset = [], [], [], 0
+            for local, shard in zip(locals_[i:j], shards[i:j]):
+                if shard.length:
+                    lo = offset + shard.start
+                    dst.append(self.buffer[lo:lo + shard.length])
+                    src.append(local.view(-1)[:shard.length])
+                views.append(self.buffer[offset:offset + shard.numel].view(shard.shape))
+                offset += shard.numel
+            self.copy_in.append((dst, src))
+            self.views.append(views)
+
+    def into(self, targets: Sequence[torch.Tensor]) -> None:
+        if len(targets) != sum(j - i for i, j, _ in self.buckets):
+            raise ValueError(f"FullGather.into: {len(targets)} targets for "
+                             f"{sum(j - i for i, j, _ in self.buckets)} shards")
+        reduce = _reduces()
+        for (i, j, total), (dst, src), views in zip(self.buckets, self.copy_in, self.views):
+            bucket = self.buffer[:total]                                          # [elements of the bucket]
+            bucket.zero_()
+            if dst:
+                torch._foreach_copy_(dst, src)
+            if reduce:
+                dist.all_reduce(bucket)
+            torch._foreach_copy_(list(targets[i:j]), views)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from mirai.trainer.distributed import Runtime
 from mirai.trainer.engine.module import TrainModule
-from mirai.trainer.shards import Shard, gather_full
+from mirai.trainer.shards import FullGather, Shard, gather_full
 
 
 class Engine:
@@ -102,6 +102,14 @@ class Engine:
         if shards is None:
             return iter(pieces)
         return gather_full(pieces, [shards[n] for n in names], dtype)
+
+    def full_gather(self, names: Sequence[str], pieces: Sequence[torch.Tensor], dtype: torch.dtype
+                    ) -> FullGather | None:
+        """``gather_full`` planned once, for pieces gathered at every step: ``.into(targets)`` writes the whole
+        tensors of ``names`` into ``targets`` (collective). None where ``ema_shards()`` is None (nothing to
+        gather: the pieces are whole)."""
+        shards = self.ema_shards()
+        return None if shards is None else FullGather(pieces, [shards[n] for n in names], dtype)
 
     def train(self) -> None:
         self.module.train()
