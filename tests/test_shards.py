@@ -1,12 +1,13 @@
-"""Pieces of sharded parameters reassembled: ``FullGather`` (planned once, reused every step) writes what
-``gather_full`` yields, across bucket boundaries, empty and padded pieces, and after the pieces change in place.
+"""Pieces of sharded parameters reassembled: ``FullGather`` (planned once, reused every step) writes into its
+targets what it yields, each rank's piece in place and zeros elsewhere, across bucket boundaries, empty and
+padded pieces, and after the pieces change in place.
 One process here (each element has one holder); tests/test_ema_fp32_master.py runs both under ZeRO-1/2/3."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mirai.trainer.shards import FullGather, Shard, gather_full
+from mirai.trainer.shards import FullGather, Shard
 
 
 def _pieces():
@@ -20,13 +21,13 @@ def _pieces():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bucket", [1, 8, 1 << 20])
-def test_full_gather_writes_what_gather_full_yields(dtype, bucket):
+def test_full_gather_writes_and_yields_each_ranks_pieces(dtype, bucket):
     locals_, shards = _pieces()
     targets = [torch.full(s.shape, 7.0, dtype=dtype) for s in shards]
     gather = FullGather(locals_, shards, dtype, bucket_numel=bucket)
     for round_ in range(2):                                  # the plan is reused; the pieces change in place
         gather.into(targets)
-        expected = [t.clone() for t in gather_full(locals_, shards, dtype, bucket_numel=bucket)]
+        expected = [t.clone() for t in gather.tensors()]
         for got, want, shard in zip(targets, expected, shards):
             assert got.shape == shard.shape and got.dtype == dtype
             assert torch.equal(got, want)

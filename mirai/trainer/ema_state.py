@@ -104,10 +104,9 @@ class EMAState:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 EMA on CPU, on rank 0 ({} elsewhere); collective when sharded."""
         names = list(self.ema.shadow)
-        if self.sharded:
-            fulls = self.engine.gather_full(names, [self.ema.shadow[n] for n in names], torch.float32)
-        else:
-            fulls = (self.ema.shadow[n] for n in names)
+        pieces = [self.ema.shadow[n] for n in names]
+        gather = self.engine.full_gather(names, pieces, torch.float32)
+        fulls = pieces if gather is None else gather.tensors()
         out: dict[str, torch.Tensor] = {}
         for name, full in zip(names, fulls):
             if self.is_main:

@@ -6,13 +6,13 @@ elements of the local tensor past ``length`` are padding (a partition may pad th
 Every element of a parameter is held by exactly one rank. Which pieces a rank holds is the engine's to
 say (``Engine.ema_shards``; DeepSpeed's layouts per stage: ``DeepSpeedEngine._fp32_masters``).
 
-``gather_full(locals, shards, dtype)`` yields the full tensors (``shards[i].shape``, in ``dtype``) in
-order: each rank writes its pieces into zero-filled buckets of at most ``BUCKET_NUMEL`` elements and one
+``FullGather(locals, shards, dtype)`` reassembles the full tensors (``shards[i].shape``, in ``dtype``) in
+order: each rank writes its pieces into a zero-filled bucket of at most ``BUCKET_NUMEL`` elements and one
 all-reduce (sum) per bucket completes them. The sum is exact in any dtype, every element having exactly
 one non-zero contribution. It is a collective: every rank calls it with the same shapes in the same order.
-``FullGather`` is the same collective for pieces gathered again and again (the Mirai-E teacher, refreshed from
-the sharded EMA every step): planned once, it keeps one bucket-sized buffer and its copy lists, and each call
-is two multi-tensor copies and one all-reduce per bucket, with no Python per parameter.
+Planned once (one bucket-sized buffer and its copy lists), it serves pieces gathered again and again (the
+Mirai-E teacher, refreshed from the sharded EMA every step: ``into(targets)``, two multi-tensor copies and one
+all-reduce per bucket, no Python per parameter) as well as a one-off read (``tensors()``, a checkpoint's EMA).
 """
 from __future__ import annotations
 
@@ -66,34 +66,11 @@ def _reduces() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_full(locals_: Sequence[torch.Tensor], shards: Sequence[Shard], dtype: torch.dtype,
-                bucket_numel: int = BUCKET_NUMEL) -> Iterator[torch.Tensor]:
-    """Full tensors ``[shards[i].shape]`` in ``dtype``, in order, from every rank's pieces (collective)."""
-    if len(locals_) != len(shards):
-        raise ValueError(f"gather_full: {len(locals_)} local tensors for {len(shards)} shards")
-    reduce = _reduces()
-    for i, j, total in _buckets(shards, bucket_numel):
-        device = locals_[i].device
-        bucket = torch.zeros(total, dtype=dtype, device=device)                  # [sum of numels]
-        offset = 0
-        for local, shard in zip(locals_[i:j], shards[i:j]):
-            lo = offset + shard.start
-            bucket[lo:lo + shard.length].copy_(local.view(-1)[:shard.length])
-            offset += shard.numel
-        if reduce:
-            dist.all_reduce(bucket)
-        offset = 0
-        for shard in shards[i:j]:
-            yield bucket[offset:offset + shard.numel].view(shard.shape)
-            offset += shard.numel
-
-
 class FullGather:
-    """``gather_full`` of fixed pieces into fixed targets, planned once (see the module docstring).
+    """The full tensors of `shards` from every rank's pieces `locals_`, planned once (see the module docstring).
 
-    ``FullGather(locals_, shards, dtype)``; then each ``into(targets)`` (collective) writes the full tensors into
-    ``targets`` (shaped ``shards[i].shape``, any float dtype). ``locals_`` are read at every call, so they must
-    stay the same tensors (updated in place)."""
+    ``into(targets)`` writes them into ``targets`` (shaped ``shards[i].shape``, any float dtype); ``tensors()``
+    yields them. ``locals_`` are read at every call, so they must stay the same tensors (updated in place)."""
 
     def __init__(self, locals_: Sequence[torch.Tensor], shards: Sequence[Shard], dtype: torch.dtype,
                  bucket_numel: int = BUCKET_NUMEL):
@@ -116,16 +93,30 @@ class FullGather:
             self.copy_in.append((dst, src))
             self.views.append(views)
 
+    def _fill(self, b: int) -> torch.Tensor:
+        """Bucket `b` completed in the buffer (collective); its full-shaped views are ``self.views[b]``."""
+        total = self.buckets[b][2]
+        bucket = self.buffer[:total]                                              # [elements of the bucket]
+        bucket.zero_()
+        dst, src = self.copy_in[b]
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if _reduces():
+            dist.all_reduce(bucket)
+        return bucket
+
     def into(self, targets: Sequence[torch.Tensor]) -> None:
+        """Write the full tensors into ``targets`` (collective)."""
         if len(targets) != sum(j - i for i, j, _ in self.buckets):
             raise ValueError(f"FullGather.into: {len(targets)} targets for "
                              f"{sum(j - i for i, j, _ in self.buckets)} shards")
-        reduce = _reduces()
-        for (i, j, total), (dst, src), views in zip(self.buckets, self.copy_in, self.views):
-            bucket = self.buffer[:total]                                          # [elements of the bucket]
-            bucket.zero_()
-            if dst:
-                torch._foreach_copy_(dst, src)
-            if reduce:
-                dist.all_reduce(bucket)
-            torch._foreach_copy_(list(targets[i:j]), views)
+        for b, (i, j, _) in enumerate(self.buckets):
+            self._fill(b)
+            torch._foreach_copy_(list(targets[i:j]), self.views[b])
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """The full tensors in order (collective: iterate to the end on every rank). Each is a view of the shared
+        buffer, valid until the iteration moves past its bucket: copy what you keep."""
+        for b in range(len(self.buckets)):
+            self._fill(b)
+            yield from self.views[b]

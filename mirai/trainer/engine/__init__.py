@@ -18,11 +18,10 @@ weights of the GPT and the heads, consolidated on rank 0; collective), ``ema_par
 the GPT's fp32 master weights under every engine, as the released code and LlamaGen average fp32 weights, never
 the bf16 module parameters DeepSpeed computes with), ``ema_shards()`` (None where ``ema_params()`` are whole
 tensors on every rank; under ZeRO-1/2/3 the masters are sharded, each rank handing its own pieces, see
-``mirai.trainer.shards``), ``gather_full`` (whole tensors from those pieces) and ``full_gather`` (the same,
-planned once for pieces gathered every step), ``local_params()`` (this rank's pieces of the parameters),
-``gpt_param_count()`` and ``register_external_params(module)`` (parameters a module's forward reads without
-calling their owners). Partitioned parameters (ZeRO-3) are known to this package only:
-every other module asks the engine through these methods.
+``mirai.trainer.shards``) and ``full_gather`` (whole tensors from those pieces, planned once), ``local_params()``
+(this rank's pieces of the parameters), ``gpt_param_count()`` and ``register_external_params(module)``
+(parameters a module's forward reads without calling their owners). Partitioned parameters (ZeRO-3) are known to
+this package only: every other module asks the engine through these methods.
 """
 from mirai.trainer.engine.base import Engine
 from mirai.trainer.engine.build import build_engine, compile_scope, needs_block_compile

@@ -3,14 +3,14 @@ that partitions nothing."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
 from mirai.trainer.distributed import Runtime
 from mirai.trainer.engine.module import TrainModule
-from mirai.trainer.shards import FullGather, Shard, gather_full
+from mirai.trainer.shards import FullGather, Shard
 
 
 class Engine:
@@ -93,21 +93,12 @@ class Engine:
         elements of the parameter this rank's ``ema_params()`` tensor holds)."""
         return None
 
-    def gather_full(self, names: Sequence[str], pieces: Sequence[torch.Tensor], dtype: torch.dtype
-                    ) -> Iterator[torch.Tensor]:
-        """The whole tensors, in ``dtype``, of GPT parameters ``names`` from this rank's ``pieces`` (shaped like
-        their ``ema_params()`` tensors), in order. Collective when ``ema_shards()`` is not None (every rank
-        calls it with the same names); else the pieces themselves, unconverted."""
-        shards = self.ema_shards()
-        if shards is None:
-            return iter(pieces)
-        return gather_full(pieces, [shards[n] for n in names], dtype)
-
     def full_gather(self, names: Sequence[str], pieces: Sequence[torch.Tensor], dtype: torch.dtype
                     ) -> FullGather | None:
-        """``gather_full`` planned once, for pieces gathered at every step: ``.into(targets)`` writes the whole
-        tensors of ``names`` into ``targets`` (collective). None where ``ema_shards()`` is None (nothing to
-        gather: the pieces are whole)."""
+        """The whole tensors, in ``dtype``, of GPT parameters ``names`` from this rank's ``pieces`` (shaped like
+        their ``ema_params()`` tensors): a ``mirai.trainer.shards.FullGather``, planned once, whose ``into`` /
+        ``tensors`` are collective (every rank calls them with the same names). None where ``ema_shards()`` is
+        None (nothing to gather: the pieces are whole)."""
         shards = self.ema_shards()
         return None if shards is None else FullGather(pieces, [shards[n] for n in names], dtype)
 
